@@ -1,0 +1,107 @@
+/*-------------------------------------------------------------------------
+ *
+ * crmpay.h
+ *	  Declarations shared by the crmpay modules: configuration (GUCs),
+ *	  the JSON reader, secrets, and small helpers.
+ *
+ *-------------------------------------------------------------------------
+ */
+#ifndef CRMPAY_H
+#define CRMPAY_H
+
+#include "postgres.h"
+
+#include "lib/stringinfo.h"
+#include "nodes/pg_list.h"
+#include "utils/timestamp.h"
+
+/* GUCs (see crmpay.c for their documentation) */
+extern char *crmpay_key_file;
+extern char *crmpay_ca_file;
+extern bool crmpay_allow_insecure_http;
+extern int	crmpay_connect_timeout_ms;
+extern int	crmpay_request_timeout_ms;
+extern int	crmpay_webhook_tolerance_s;
+extern int	crmpay_max_webhook_bytes;
+
+/* Largest JSON nesting we hand to the server's recursive JSON parser. */
+#define CRMPAY_MAX_JSON_DEPTH 64
+
+/* ----------------------------------------------------------------
+ * json.c: a small, non-throwing JSON tree reader
+ * ----------------------------------------------------------------
+ */
+typedef enum CrmpayJsonKind
+{
+	CRMPAY_JSON_NULL,
+	CRMPAY_JSON_BOOL,
+	CRMPAY_JSON_NUMBER,
+	CRMPAY_JSON_STRING,
+	CRMPAY_JSON_OBJECT,
+	CRMPAY_JSON_ARRAY
+} CrmpayJsonKind;
+
+typedef struct CrmpayJson
+{
+	CrmpayJsonKind kind;
+	char	   *text;			/* scalars: de-escaped string, or literal */
+	int			count;			/* objects and arrays: members */
+	int			capacity;
+	char	  **keys;			/* objects only */
+	struct CrmpayJson **items;
+	struct CrmpayJson *parent;
+} CrmpayJson;
+
+extern CrmpayJson *crmpay_json_parse(const char *text, size_t len,
+									 const char **error);
+extern const CrmpayJson *crmpay_json_member(const CrmpayJson *object,
+											const char *key);
+extern const CrmpayJson *crmpay_json_path(const CrmpayJson *root,
+										  const char *dotted_path);
+extern const char *crmpay_json_str(const CrmpayJson *root,
+								   const char *dotted_path);
+extern bool crmpay_json_int64(const CrmpayJson *root, const char *dotted_path,
+							  int64 *out);
+extern CrmpayJson *crmpay_json_from_jsonb_datum(Datum jsonb);
+
+/* Largest MAC or digest crmpay computes (SHA-512) */
+#define CRMPAY_MAX_MAC 64
+
+/* ----------------------------------------------------------------
+ * crypto.c: secrets at rest, HMAC and digests
+ * ----------------------------------------------------------------
+ */
+extern bytea *crmpay_encrypt_secret(const char *plaintext, size_t len,
+									const char *aad);
+extern char *crmpay_decrypt_secret(const bytea *blob, const char *aad);
+extern void crmpay_hmac(const char *digest_name, const void *key, size_t keylen,
+						const void *msg, size_t msglen,
+						unsigned char *out, unsigned int *outlen);
+extern void crmpay_digest(const char *digest_name, const void *msg,
+						  size_t msglen, unsigned char *out,
+						  unsigned int *outlen);
+
+/* ----------------------------------------------------------------
+ * Webhook headers, as handed to receive_webhook (jsonb object)
+ * ----------------------------------------------------------------
+ */
+typedef struct CrmpayHeader
+{
+	char	   *name;			/* lower-cased */
+	char	   *value;
+} CrmpayHeader;
+
+typedef struct CrmpayHeaders
+{
+	int			count;
+	CrmpayHeader *items;
+} CrmpayHeaders;
+
+extern CrmpayHeaders *crmpay_headers_from_jsonb(Datum jsonb);
+extern const char *crmpay_header_get(const CrmpayHeaders *headers,
+									 const char *name);
+
+/* money */
+extern int64 crmpay_timestamptz_to_unix(TimestampTz ts);
+
+#endif							/* CRMPAY_H */

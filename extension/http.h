@@ -1,0 +1,50 @@
+/*-------------------------------------------------------------------------
+ *
+ * http.h
+ *	  Gateway HTTP through libcurl: the only module that includes curl.
+ *
+ *-------------------------------------------------------------------------
+ */
+#ifndef CRMPAY_HTTP_H
+#define CRMPAY_HTTP_H
+
+#include "crmpay.h"
+
+/* What happened on the wire, before looking at the HTTP status. */
+typedef enum CrmpayTransport
+{
+	CRMPAY_TRANSPORT_OK = 0,	/* an HTTP response arrived (any status) */
+	CRMPAY_TRANSPORT_CONNECT,	/* DNS, refused, unreachable */
+	CRMPAY_TRANSPORT_TLS,		/* handshake or certificate verification */
+	CRMPAY_TRANSPORT_TIMEOUT,	/* connect or total timeout */
+	CRMPAY_TRANSPORT_BROKEN,	/* dropped connection, garbled response */
+	CRMPAY_TRANSPORT_TOO_LARGE	/* response larger than we accept */
+} CrmpayTransport;
+
+typedef struct CrmpayHttpRequest
+{
+	const char *method;			/* "GET", "POST", "PATCH" */
+	const char *url;
+	List	   *headers;		/* of char * "Name: value" */
+	const char *body;			/* NULL for none */
+	size_t		body_len;
+} CrmpayHttpRequest;
+
+typedef struct CrmpayHttpResponse
+{
+	CrmpayTransport transport;
+	long		status;			/* HTTP status, 0 if none */
+	char	   *body;			/* palloc'd, NUL-terminated */
+	size_t		body_len;
+	int			retry_after;	/* seconds from Retry-After, -1 if absent */
+	char	   *request_id;		/* gateway's request id header, if any */
+	char	   *error;			/* curl's explanation for transport errors */
+} CrmpayHttpResponse;
+
+extern void crmpay_http_check_url(const char *url, const char *what);
+extern void crmpay_http_perform(const CrmpayHttpRequest *request,
+								CrmpayHttpResponse *response);
+extern const char *crmpay_transport_name(CrmpayTransport transport);
+extern void crmpay_url_append_escaped(StringInfo buf, const char *s);
+
+#endif							/* CRMPAY_HTTP_H */

@@ -1,0 +1,613 @@
+/*-------------------------------------------------------------------------
+ *
+ * provider.c
+ *	  The provider registry, gateway accounts (loading and opening their
+ *	  secrets), and the gateway-neutral steps of creating a payment link:
+ *	  request building and answer parsing belong to the providers; HTTP,
+ *	  failure classification and error reporting live here, once.
+ *
+ *	  Adding a gateway: write its file (see stripe.c) and add one line to
+ *	  the providers[] table below.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "provider.h"
+
+#include "catalog/pg_type.h"
+#include "executor/spi.h"
+#include "fmgr.h"
+#include "funcapi.h"
+#include "utils/builtins.h"
+#include "mb/pg_wchar.h"
+#include "utils/json.h"
+#include "utils/jsonb.h"
+#include "utils/memutils.h"
+
+/* Gateways accepted by add_account that have no implementation yet. */
+static const CrmpayProvider paypal_placeholder = {.name = "paypal"};
+static const CrmpayProvider braintree_placeholder = {.name = "braintree"};
+static const CrmpayProvider adyen_placeholder = {.name = "adyen"};
+static const CrmpayProvider redsys_placeholder = {.name = "redsys"};
+
+/* The registry: one line per gateway. */
+static const CrmpayProvider *const providers[] = {
+	&crmpay_stripe_provider,
+	&paypal_placeholder,
+	&braintree_placeholder,
+	&adyen_placeholder,
+	&redsys_placeholder,
+};
+
+/* "stripe, paypal, ..." for error hints. */
+const char *
+crmpay_provider_names(void)
+{
+	StringInfoData buf;
+	int			i;
+
+	initStringInfo(&buf);
+	for (i = 0; i < lengthof(providers); i++)
+		appendStringInfo(&buf, "%s%s", i ? ", " : "", providers[i]->name);
+	return buf.data;
+}
+
+/* Looks a provider up by name; ERROR (or NULL with missing_ok) if unknown. */
+const CrmpayProvider *
+crmpay_find_provider(const char *name, bool missing_ok)
+{
+	int			i;
+
+	for (i = 0; i < lengthof(providers); i++)
+		if (name != NULL && strcmp(providers[i]->name, name) == 0)
+			return providers[i];
+	if (missing_ok)
+		return NULL;
+	ereport(ERROR,
+			(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+			 errmsg("unknown payment provider \"%s\"", name ? name : "(null)"),
+			 errhint("Use one of: %s.", crmpay_provider_names())));
+	pg_unreachable();
+}
+
+/* Raises "not supported yet" for a provider operation that is missing. */
+static void
+require_operation(const CrmpayProvider *provider, const void *operation,
+				  const char *what)
+{
+	if (operation == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+				 errmsg("%s is not supported for provider \"%s\" in this version of crmpay",
+						what, provider->name)));
+}
+
+/*
+ * crmpay_load_account
+ *		Reads an account row and opens the secrets asked for.  The result
+ *		lives in the caller's memory context.  Works inside and outside
+ *		other SPI users (it connects its own SPI level).
+ */
+CrmpayAccount *
+crmpay_load_account(const char *name, bool with_credentials,
+					bool with_webhook_secret, bool missing_ok)
+{
+	static SPIPlanPtr plan = NULL;
+	MemoryContext callercxt = CurrentMemoryContext;
+	CrmpayAccount *account = NULL;
+	Datum		values[1];
+	int			rc;
+
+	values[0] = CStringGetTextDatum(name);
+
+	SPI_connect();
+	if (plan == NULL)
+	{
+		Oid			argtypes[1] = {TEXTOID};
+		SPIPlanPtr	p = SPI_prepare("SELECT provider, credentials, webhook_secret, settings::text"
+									"  FROM crmpay.gateway_accounts WHERE name = $1",
+									1, argtypes);
+
+		if (p == NULL)
+			elog(ERROR, "crmpay: SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
+		SPI_keepplan(p);
+		plan = p;
+	}
+	rc = SPI_execute_plan(plan, values, NULL, true, 1);
+	if (rc != SPI_OK_SELECT)
+		elog(ERROR, "crmpay: account lookup failed: %s", SPI_result_code_string(rc));
+
+	if (SPI_processed == 1)
+	{
+		TupleDesc	desc = SPI_tuptable->tupdesc;
+		HeapTuple	tuple = SPI_tuptable->vals[0];
+		bool		isnull;
+		Datum		d;
+		MemoryContext spicxt = MemoryContextSwitchTo(callercxt);
+		char	   *aad;
+		const char *settings_text;
+		const char *error;
+
+		account = palloc0(sizeof(CrmpayAccount));
+		account->name = pstrdup(name);
+		account->provider = crmpay_find_provider(SPI_getvalue(tuple, desc, 1), false);
+
+		settings_text = SPI_getvalue(tuple, desc, 4);
+		account->settings = crmpay_json_parse(settings_text, strlen(settings_text), &error);
+		if (account->settings == NULL)
+			elog(ERROR, "crmpay: settings of account \"%s\" unreadable: %s", name, error);
+
+		if (with_credentials)
+		{
+			d = SPI_getbinval(tuple, desc, 2, &isnull);
+			if (!isnull)
+			{
+				char	   *plain;
+
+				aad = psprintf("crmpay:%s:credentials", name);
+				plain = crmpay_decrypt_secret(DatumGetByteaPP(d), aad);
+				account->credentials = crmpay_json_parse(plain, strlen(plain), &error);
+				if (account->credentials == NULL)
+					elog(ERROR, "crmpay: credentials of account \"%s\" unreadable", name);
+			}
+		}
+		if (with_webhook_secret)
+		{
+			d = SPI_getbinval(tuple, desc, 3, &isnull);
+			if (!isnull)
+			{
+				aad = psprintf("crmpay:%s:webhook_secret", name);
+				account->webhook_secret = crmpay_decrypt_secret(DatumGetByteaPP(d), aad);
+			}
+		}
+		account->api_base = crmpay_setting(account, "api_base");
+		if (account->api_base == NULL)
+			account->api_base = account->provider->default_api_base;
+		MemoryContextSwitchTo(spicxt);
+	}
+	SPI_finish();
+
+	if (account == NULL && !missing_ok)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("payment account \"%s\" does not exist", name),
+				 errhint("Add it with crmpay.add_account(); crmpay.accounts lists the existing ones.")));
+	return account;
+}
+
+/* A string setting of the account, or NULL. */
+const char *
+crmpay_setting(const CrmpayAccount *account, const char *key)
+{
+	return crmpay_json_str(account->settings, key);
+}
+
+const char *
+crmpay_failure_kind_name(CrmpayFailureKind kind)
+{
+	switch (kind)
+	{
+		case CRMPAY_FAIL_NONE:
+			return "none";
+		case CRMPAY_FAIL_REJECTED:
+			return "rejected";
+		case CRMPAY_FAIL_AUTH:
+			return "authentication";
+		case CRMPAY_FAIL_CONFLICT:
+			return "idempotency_conflict";
+		case CRMPAY_FAIL_RATE_LIMITED:
+			return "rate_limited";
+		case CRMPAY_FAIL_UNAVAILABLE:
+			return "unavailable";
+		case CRMPAY_FAIL_TRANSPORT:
+			return "transport";
+		case CRMPAY_FAIL_BAD_RESPONSE:
+			return "bad_response";
+	}
+	return "unknown";
+}
+
+/*
+ * crmpay_classify_http_failure
+ *		Sorts a response into a failure kind by transport and HTTP status,
+ *		then lets the provider read its error body for code and message.
+ */
+void
+crmpay_classify_http_failure(const CrmpayAccount *account,
+							 const CrmpayHttpResponse *response,
+							 CrmpayGatewayFailure *failure)
+{
+	memset(failure, 0, sizeof(*failure));
+	failure->http_status = (int) response->status;
+	failure->retry_after = response->retry_after;
+	failure->transport = response->transport;
+
+	if (response->transport != CRMPAY_TRANSPORT_OK)
+	{
+		failure->kind = CRMPAY_FAIL_TRANSPORT;
+		failure->retryable = true;
+		failure->code = pstrdup(crmpay_transport_name(response->transport));
+		failure->message = response->error ? pstrdup(response->error) : NULL;
+		return;
+	}
+	if (response->status >= 200 && response->status < 300)
+		return;
+
+	if (response->status == 401 || response->status == 403)
+		failure->kind = CRMPAY_FAIL_AUTH;
+	else if (response->status == 429)
+		failure->kind = CRMPAY_FAIL_RATE_LIMITED;
+	else if (response->status >= 500 || response->status == 408 || response->status == 409)
+		failure->kind = CRMPAY_FAIL_UNAVAILABLE;	/* 409: same key in flight */
+	else
+		failure->kind = CRMPAY_FAIL_REJECTED;
+
+	if (account->provider->parse_error != NULL)
+		account->provider->parse_error(response, failure);
+	failure->retryable = (failure->kind == CRMPAY_FAIL_RATE_LIMITED ||
+						  failure->kind == CRMPAY_FAIL_UNAVAILABLE ||
+						  failure->kind == CRMPAY_FAIL_TRANSPORT);
+	if (failure->message == NULL)
+	{
+		/* No readable error body: show a bounded, printable excerpt. */
+		size_t		n = Min(response->body_len, 200);
+
+		failure->message = psprintf("HTTP %ld: %s", response->status,
+									n > 0 && pg_verifymbstr(response->body, (int) n, true)
+									? pnstrdup(response->body, n) : "(no readable body)");
+	}
+}
+
+/*
+ * scrub_secrets
+ *		Masks any credential value of the account that a gateway message
+ *		might echo, so no secret reaches an error, a log or a table.
+ */
+static char *
+scrub_secrets(const CrmpayAccount *account, const char *text)
+{
+	char	   *result;
+	int			i;
+
+	if (text == NULL)
+		return NULL;
+	result = pstrdup(text);
+	if (account == NULL || account->credentials == NULL ||
+		account->credentials->kind != CRMPAY_JSON_OBJECT)
+		return result;
+	for (i = 0; i < account->credentials->count; i++)
+	{
+		const CrmpayJson *v = account->credentials->items[i];
+		char	   *hit;
+
+		if (v->kind != CRMPAY_JSON_STRING || strlen(v->text) < 6)
+			continue;
+		while ((hit = strstr(result, v->text)) != NULL)
+			memset(hit, '*', strlen(v->text));
+	}
+	return result;
+}
+
+/*
+ * crmpay_raise_gateway_failure
+ *		Reports a failed gateway call as an ERROR.  SQLSTATE by kind:
+ *		08001 cannot connect (incl. TLS), 08006 timeout/dropped/5xx, 08P01
+ *		unreadable answer, 28000 credentials refused, 53400 rate limited,
+ *		22023 request refused or idempotency conflict.
+ */
+void
+crmpay_raise_gateway_failure(const CrmpayAccount *account,
+							 const CrmpayGatewayFailure *failure)
+{
+	const char *provider = account->provider->name;
+	char	   *detail = scrub_secrets(account, failure->message);
+	int			sqlstate;
+	const char *message;
+	const char *hint = NULL;
+
+	switch (failure->kind)
+	{
+		case CRMPAY_FAIL_AUTH:
+			sqlstate = ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION;
+			message = "gateway refused the account's credentials";
+			hint = "Check the account's credentials with crmpay.update_account().";
+			break;
+		case CRMPAY_FAIL_CONFLICT:
+			sqlstate = ERRCODE_INVALID_PARAMETER_VALUE;
+			message = "gateway already received this order with different details";
+			hint = "The idempotency key of an order is fixed; send the same details again, or use a new order_ref.";
+			break;
+		case CRMPAY_FAIL_REJECTED:
+			sqlstate = ERRCODE_INVALID_PARAMETER_VALUE;
+			message = "gateway rejected the request";
+			break;
+		case CRMPAY_FAIL_RATE_LIMITED:
+			sqlstate = ERRCODE_CONFIGURATION_LIMIT_EXCEEDED;
+			message = "gateway is rate limiting requests";
+			hint = "Retry later, or use crmpay.request_payment_link(), which retries with backoff.";
+			break;
+		case CRMPAY_FAIL_UNAVAILABLE:
+			sqlstate = ERRCODE_CONNECTION_FAILURE;
+			message = "gateway is unavailable";
+			hint = "Retry later, or use crmpay.request_payment_link(), which retries with backoff.";
+			break;
+		case CRMPAY_FAIL_TRANSPORT:
+			sqlstate = (failure->transport == CRMPAY_TRANSPORT_CONNECT ||
+						failure->transport == CRMPAY_TRANSPORT_TLS)
+				? ERRCODE_SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION
+				: ERRCODE_CONNECTION_FAILURE;
+			message = failure->transport == CRMPAY_TRANSPORT_TLS
+				? "could not establish a verified TLS connection to the gateway"
+				: failure->transport == CRMPAY_TRANSPORT_TIMEOUT
+				? "gateway request timed out"
+				: failure->transport == CRMPAY_TRANSPORT_CONNECT
+				? "could not connect to the gateway"
+				: "gateway connection failed";
+			if (failure->transport == CRMPAY_TRANSPORT_TLS)
+				hint = "The gateway's certificate must verify against the system CAs or crmpay.ca_file.";
+			else if (failure->transport == CRMPAY_TRANSPORT_TIMEOUT)
+				hint = "See crmpay.connect_timeout and crmpay.request_timeout.";
+			break;
+		case CRMPAY_FAIL_BAD_RESPONSE:
+		default:
+			sqlstate = ERRCODE_PROTOCOL_VIOLATION;
+			message = "gateway answered something crmpay cannot read";
+			break;
+	}
+
+	ereport(ERROR,
+			(errcode(sqlstate),
+			 errmsg("%s (account \"%s\", provider %s)", message, account->name, provider),
+			 failure->http_status
+			 ? errdetail("HTTP %d%s%s: %s", failure->http_status,
+						 failure->code ? ", " : "", failure->code ? failure->code : "",
+						 detail ? detail : "")
+			 : errdetail("%s", detail ? detail : crmpay_failure_kind_name(failure->kind)),
+			 hint ? errhint("%s", hint) : 0));
+	pg_unreachable();
+}
+
+/*
+ * crmpay_create_link
+ *		Asks the account's gateway for a payment link.  Returns true with
+ *		*result filled, or false with *failure saying why (and whether a
+ *		retry with the same idempotency key may succeed).  Raises only for
+ *		programming or configuration errors and interrupts.
+ */
+bool
+crmpay_create_link(const CrmpayAccount *account,
+				   const CrmpayLinkRequest *request,
+				   CrmpayLinkResult *result,
+				   CrmpayGatewayFailure *failure)
+{
+	const CrmpayProvider *provider = account->provider;
+	CrmpayHttpRequest http = {0};
+	CrmpayHttpResponse response;
+
+	require_operation(provider, provider->build_create_link, "creating payment links");
+	memset(result, 0, sizeof(*result));
+	memset(failure, 0, sizeof(*failure));
+
+	if (account->api_base == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("account \"%s\" has no api_base setting", account->name)));
+	crmpay_http_check_url(account->api_base, "the account's api_base");
+
+	provider->build_create_link(account, request, &http);
+	crmpay_http_perform(&http, &response);
+
+	crmpay_classify_http_failure(account, &response, failure);
+	if (failure->kind != CRMPAY_FAIL_NONE)
+		return false;
+	if (!provider->parse_create_link(account, &response, result, failure))
+	{
+		failure->kind = CRMPAY_FAIL_BAD_RESPONSE;
+		failure->retryable = true;
+		failure->http_status = (int) response.status;
+		return false;
+	}
+	return true;
+}
+
+/* ----------------------------------------------------------------
+ * Helpers for provider files
+ * ----------------------------------------------------------------
+ */
+CrmpayWebhookEvent *
+crmpay_new_event(void)
+{
+	CrmpayWebhookEvent *event = palloc0(sizeof(CrmpayWebhookEvent));
+
+	event->amount_minor = -1;
+	event->refunded_minor = -1;
+	return event;
+}
+
+char *
+crmpay_pstrdup_or_null(const char *s)
+{
+	return s ? pstrdup(s) : NULL;
+}
+
+/* "Name: value" for an HTTP header list; refuses CR/LF injection. */
+char *
+crmpay_header_line(const char *name, const char *value)
+{
+	if (strpbrk(value, "\r\n") != NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("value for HTTP header %s contains a line break", name)));
+	return psprintf("%s: %s", name, value);
+}
+
+/* ----------------------------------------------------------------
+ * SQL-callable functions (internal: called by the SECURITY DEFINER
+ * wrappers in the install script, not granted to anyone)
+ * ----------------------------------------------------------------
+ */
+
+/* Reads the link request jsonb built by crmpay._link_request(). */
+static CrmpayLinkRequest *
+link_request_from_jsonb(Datum request_jsonb)
+{
+	CrmpayJson *tree = crmpay_json_from_jsonb_datum(request_jsonb);
+	CrmpayLinkRequest *request = palloc0(sizeof(CrmpayLinkRequest));
+	int64		exponent;
+
+	request->order_ref = crmpay_json_str(tree, "order_ref");
+	request->currency = crmpay_json_str(tree, "currency");
+	request->currency_numeric = crmpay_json_str(tree, "currency_numeric");
+	request->email = crmpay_json_str(tree, "email");
+	request->description = crmpay_json_str(tree, "description");
+	request->idempotency_key = crmpay_json_str(tree, "idempotency_key");
+	request->metadata = (CrmpayJson *) crmpay_json_path(tree, "metadata");
+	if (!crmpay_json_int64(tree, "amount_minor", &request->amount_minor) ||
+		!crmpay_json_int64(tree, "exponent", &exponent) ||
+		request->order_ref == NULL || request->currency == NULL ||
+		request->idempotency_key == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("malformed crmpay link request")));
+	request->exponent = (int) exponent;
+	return request;
+}
+
+static text *
+link_result_to_jsonb_text(const CrmpayLinkResult *result)
+{
+	StringInfoData buf;
+
+	initStringInfo(&buf);
+	appendStringInfoString(&buf, "{\"gateway_ref\": ");
+	escape_json(&buf, result->gateway_ref);
+	appendStringInfoString(&buf, ", \"url\": ");
+	escape_json(&buf, result->url);
+	appendStringInfoString(&buf, ", \"status\": ");
+	escape_json(&buf, result->status ? result->status : "open");
+	if (result->expires_at != 0)
+	{
+		appendStringInfoString(&buf, ", \"expires_at\": ");
+		escape_json(&buf, timestamptz_to_str(result->expires_at));
+	}
+	appendStringInfoChar(&buf, '}');
+	return cstring_to_text(buf.data);
+}
+
+PG_FUNCTION_INFO_V1(crmpay_check_link_request);
+
+/*
+ * crmpay._check_link_request(account text, request jsonb) RETURNS text
+ *		Refuses what the account's gateway cannot take (currency, amount
+ *		limits) before anything is written.  Returns the provider name.
+ */
+Datum
+crmpay_check_link_request(PG_FUNCTION_ARGS)
+{
+	char	   *name = text_to_cstring(PG_GETARG_TEXT_PP(0));
+	CrmpayAccount *account = crmpay_load_account(name, false, false, false);
+	CrmpayLinkRequest *request = link_request_from_jsonb(PG_GETARG_DATUM(1));
+
+	require_operation(account->provider, account->provider->build_create_link,
+					  "creating payment links");
+	if (account->provider->check_amount)
+		account->provider->check_amount(request->currency, request->exponent,
+										request->amount_minor);
+	PG_RETURN_TEXT_P(cstring_to_text(account->provider->name));
+}
+
+PG_FUNCTION_INFO_V1(crmpay_gateway_create_link);
+
+/*
+ * crmpay._gateway_create_link(account text, request jsonb) RETURNS jsonb
+ *		Synchronous link creation: one gateway call; ERROR on failure with
+ *		the SQLSTATE of crmpay_raise_gateway_failure.
+ */
+Datum
+crmpay_gateway_create_link(PG_FUNCTION_ARGS)
+{
+	char	   *name = text_to_cstring(PG_GETARG_TEXT_PP(0));
+	CrmpayAccount *account = crmpay_load_account(name, true, false, false);
+	CrmpayLinkRequest *request = link_request_from_jsonb(PG_GETARG_DATUM(1));
+	CrmpayLinkResult result;
+	CrmpayGatewayFailure failure;
+
+	if (!crmpay_create_link(account, request, &result, &failure))
+		crmpay_raise_gateway_failure(account, &failure);
+
+	PG_RETURN_DATUM(DirectFunctionCall1(jsonb_in,
+										CStringGetDatum(text_to_cstring(link_result_to_jsonb_text(&result)))));
+}
+
+PG_FUNCTION_INFO_V1(crmpay_validate_account);
+
+/*
+ * crmpay._validate_account(name, provider, credentials, webhook_secret,
+ *							settings) RETURNS void
+ *		Checks an account's shape for add_account/update_account.
+ */
+Datum
+crmpay_validate_account(PG_FUNCTION_ARGS)
+{
+	const CrmpayProvider *provider;
+	CrmpayJson *credentials;
+	CrmpayJson *settings;
+	const char *webhook_secret = PG_ARGISNULL(3) ? NULL : text_to_cstring(PG_GETARG_TEXT_PP(3));
+	const char *api_base;
+
+	if (PG_ARGISNULL(1))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("provider must not be null"),
+				 errhint("Use one of: %s.", crmpay_provider_names())));
+	provider = crmpay_find_provider(text_to_cstring(PG_GETARG_TEXT_PP(1)), false);
+	if (!PG_ARGISNULL(2))
+		credentials = crmpay_json_from_jsonb_datum(PG_GETARG_DATUM(2));
+	else
+	{
+		/* update_account without new credentials: check against the stored ones */
+		CrmpayAccount *existing = PG_ARGISNULL(0) ? NULL
+			: crmpay_load_account(text_to_cstring(PG_GETARG_TEXT_PP(0)), true, false, true);
+
+		if (existing == NULL || existing->credentials == NULL)
+			ereport(ERROR,
+					(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+					 errmsg("credentials must not be null")));
+		credentials = existing->credentials;
+	}
+	settings = PG_ARGISNULL(4) ? NULL : crmpay_json_from_jsonb_datum(PG_GETARG_DATUM(4));
+
+	if (credentials->kind != CRMPAY_JSON_OBJECT)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("credentials must be a JSON object")));
+	if (settings != NULL && settings->kind != CRMPAY_JSON_OBJECT)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("settings must be a JSON object")));
+	if (webhook_secret != NULL && webhook_secret[0] == '\0')
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("webhook_secret must not be empty"),
+				 errhint("Pass NULL when the account has no webhook secret yet.")));
+
+	api_base = settings ? crmpay_json_str(settings, "api_base") : NULL;
+	if (api_base != NULL)
+		crmpay_http_check_url(api_base, "settings.api_base");
+
+	if (provider->validate_account != NULL)
+		provider->validate_account(credentials, settings, webhook_secret);
+	PG_RETURN_VOID();
+}
+
+PG_FUNCTION_INFO_V1(crmpay_seal);
+
+/* crmpay._seal(plaintext text, aad text) RETURNS bytea */
+Datum
+crmpay_seal(PG_FUNCTION_ARGS)
+{
+	text	   *plain = PG_GETARG_TEXT_PP(0);
+	char	   *aad = text_to_cstring(PG_GETARG_TEXT_PP(1));
+
+	PG_RETURN_BYTEA_P(crmpay_encrypt_secret(VARDATA_ANY(plain),
+											VARSIZE_ANY_EXHDR(plain), aad));
+}

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Installs what a fresh Debian 12 machine lacks to build, test and demo crmpay.
+# Quick when everything is already there: it only calls apt-get for missing packages.
+set -euo pipefail
+
+packages=(
+  postgresql-15                # the server the extension runs in
+  postgresql-server-dev-15     # PGXS, headers, pg_regress
+  postgresql-15-cron           # pg_cron, for scheduling reconciliation
+  libcurl4-openssl-dev         # libcurl (OpenSSL flavour) for gateway HTTP
+  libssl-dev                   # OpenSSL libcrypto for AES-GCM, HMAC, RSA
+  openssl                      # CLI: the tests make a throwaway CA with it
+  gcc clang make               # both compilers must build warning-free
+  python3-pytest python3-psycopg python3-aiosmtpd   # integration tests (Debian's /usr/bin/python3)
+  ca-certificates
+)
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+
+if [ ${#missing[@]} -eq 0 ]; then
+  echo "deps: all present"
+  exit 0
+fi
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "deps: missing packages: ${missing[*]}; run 'make deps' as root" >&2
+  exit 1
+fi
+echo "deps: installing ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+echo "deps: done"
