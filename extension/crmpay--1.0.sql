@@ -428,13 +428,15 @@ BEGIN
                                      coalesce(settings, (SELECT a.settings FROM crmpay.gateway_accounts a
                                                           WHERE a.name = update_account.name)));
     UPDATE crmpay.gateway_accounts a
-       SET credentials = CASE WHEN credentials IS NOT NULL
-                              THEN crmpay._seal(credentials::text, 'crmpay:' || a.name || ':credentials')
+       SET credentials = CASE WHEN update_account.credentials IS NOT NULL
+                              THEN crmpay._seal(update_account.credentials::text,
+                                                'crmpay:' || a.name || ':credentials')
                               ELSE a.credentials END,
-           webhook_secret = CASE WHEN webhook_secret IS NOT NULL
-                                 THEN crmpay._seal(webhook_secret, 'crmpay:' || a.name || ':webhook_secret')
+           webhook_secret = CASE WHEN update_account.webhook_secret IS NOT NULL
+                                 THEN crmpay._seal(update_account.webhook_secret,
+                                                   'crmpay:' || a.name || ':webhook_secret')
                                  ELSE a.webhook_secret END,
-           settings = coalesce(settings, a.settings),
+           settings = coalesce(update_account.settings, a.settings),
            updated_at = now()
      WHERE a.name = update_account.name;
 END
@@ -772,12 +774,12 @@ BEGIN
             v_reason := 'event already applied';
         ELSE
             v_payment_id := crmpay._find_payment(account, v_event);
-            IF v_payment_id IS NULL THEN
-                v_outcome := 'ignored';
-                v_reason := 'no matching payment';
-            ELSIF v_event->>'new_status' IS NULL THEN
+            IF v_event->>'new_status' IS NULL THEN
                 v_outcome := 'ignored';
                 v_reason := format('event type %s does not change payments', v_event->>'event_type');
+            ELSIF v_payment_id IS NULL THEN
+                v_outcome := 'ignored';
+                v_reason := 'no matching payment';
             ELSE
                 SELECT * INTO v_payment FROM crmpay.payments p WHERE p.id = v_payment_id;
                 IF v_event->>'new_status' IN ('paid', 'processing')
