@@ -345,12 +345,15 @@ crmpay_raise_gateway_failure(const CrmpayAccount *account,
 			if (failure->transport == CRMPAY_TRANSPORT_TLS)
 				hint = "The gateway's certificate must verify against the system CAs or crmpay.ca_file.";
 			else if (failure->transport == CRMPAY_TRANSPORT_TIMEOUT)
-				hint = "See crmpay.connect_timeout and crmpay.request_timeout.";
+				hint = "The gateway may have created the link anyway: retrying the same call is safe (same idempotency key). See crmpay.connect_timeout and crmpay.request_timeout.";
+			else
+				hint = "The gateway may have created the link anyway: retrying the same call is safe (same idempotency key).";
 			break;
 		case CRMPAY_FAIL_BAD_RESPONSE:
 		default:
 			sqlstate = ERRCODE_PROTOCOL_VIOLATION;
 			message = "gateway answered something crmpay cannot read";
+			hint = "Retrying the same call is safe (same idempotency key); check the account's api_base.";
 			break;
 	}
 
