@@ -269,6 +269,13 @@ CREATE TABLE crmpay.gateway_accounts (
 COMMENT ON TABLE crmpay.gateway_accounts IS
     'Gateway accounts; credentials and webhook_secret are encrypted. Read crmpay.accounts instead.';
 
+-- every change tells all backends to drop their cached, opened accounts
+CREATE FUNCTION crmpay._accounts_changed() RETURNS trigger
+    LANGUAGE c AS 'MODULE_PATHNAME', 'crmpay_accounts_changed';
+CREATE TRIGGER accounts_changed
+    AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON crmpay.gateway_accounts
+    FOR EACH STATEMENT EXECUTE FUNCTION crmpay._accounts_changed();
+
 CREATE VIEW crmpay.accounts AS
     SELECT name, provider, settings,
            webhook_secret IS NOT NULL AS has_webhook_secret,
@@ -285,7 +292,9 @@ CREATE TABLE crmpay.payments (
     order_ref           text NOT NULL,
     amount_minor        bigint NOT NULL CHECK (amount_minor > 0),
     currency            text NOT NULL REFERENCES crmpay.currencies (code),
-    status              text NOT NULL DEFAULT 'link_pending' REFERENCES crmpay.payment_statuses,
+    status              text NOT NULL DEFAULT 'link_pending'
+                        CHECK (status IN ('link_pending', 'open', 'processing', 'paid', 'failed', 'expired',
+                                          'canceled', 'refunded', 'partially_refunded', 'disputed')),
     url                 text,
     gateway_ref         text,
     gateway_payment_ref text,
@@ -313,7 +322,7 @@ CREATE TABLE crmpay.events (
     provider    text,
     event_key   text,
     event_type  text,
-    payment_id  bigint REFERENCES crmpay.payments (id),
+    payment_id  bigint,                -- crmpay.payments.id (payments are never deleted)
     outcome     text NOT NULL CHECK (outcome IN ('applied', 'duplicate', 'ignored', 'rejected')),
     reason      text,
     old_status  text,
@@ -324,6 +333,9 @@ CREATE TABLE crmpay.events (
     received_at timestamptz NOT NULL DEFAULT now()
 );
 -- An event id is applied at most once per account.
+-- bodies are kept as received; lz4 keeps storing them cheap
+ALTER TABLE crmpay.events ALTER COLUMN body SET COMPRESSION lz4,
+                          ALTER COLUMN headers SET COMPRESSION lz4;
 CREATE UNIQUE INDEX events_applied_once ON crmpay.events (account, event_key)
     WHERE outcome = 'applied';
 CREATE INDEX events_received ON crmpay.events (account, received_at);
@@ -350,10 +362,6 @@ CREATE FUNCTION crmpay._check_link_request(account text, request jsonb) RETURNS 
 
 CREATE FUNCTION crmpay._gateway_create_link(account text, request jsonb) RETURNS jsonb
     LANGUAGE c STRICT VOLATILE AS 'MODULE_PATHNAME', 'crmpay_gateway_create_link';
-
-CREATE FUNCTION crmpay._webhook_check(account text, headers jsonb, body text,
-                                      at timestamptz) RETURNS jsonb
-    LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'crmpay_webhook_check';
 
 CREATE FUNCTION crmpay.verify_signature(provider text, secret text, headers jsonb, body text,
                                         tolerance interval DEFAULT '5 minutes',
@@ -664,184 +672,41 @@ $$;
 -- ---------------------------------------------------------------------
 
 /*
- * _apply_status: moves a payment to new_status if the state machine
- * allows it (a single UPDATE, so concurrent deliveries re-check the row
- * they finally update).  Also records monotonic facts that come with an
- * event (payment reference, cumulative refund).  Returns the old status
- * when the status changed, NULL otherwise.
+ * _apply_status: moves a payment to new_status if crmpay.status_transitions
+ * allows it, after locking its row (extension/payments.c).  Also records
+ * facts that only grow (the gateway's payment id, the cumulative refund).
+ * Returns the old status when the status moved, NULL otherwise.
  */
 CREATE FUNCTION crmpay._apply_status(payment_id bigint, new_status text,
                                      gateway_payment_ref text DEFAULT NULL,
                                      refunded_minor bigint DEFAULT NULL,
-                                     at timestamptz DEFAULT now())
+                                     at timestamptz DEFAULT NULL)
     RETURNS text
-    LANGUAGE plpgsql VOLATILE
-    SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    v_old text;
-BEGIN
-    SELECT p.status INTO v_old FROM crmpay.payments p WHERE p.id = payment_id FOR UPDATE;
-    IF NOT FOUND THEN
-        RETURN NULL;
-    END IF;
-    IF v_old = new_status
-       OR NOT EXISTS (SELECT FROM crmpay.status_transitions t
-                       WHERE t.from_status = v_old AND t.to_status = new_status) THEN
-        -- no status change; still keep facts that only grow
-        UPDATE crmpay.payments p
-           SET gateway_payment_ref = coalesce(p.gateway_payment_ref, _apply_status.gateway_payment_ref),
-               refunded_minor = greatest(p.refunded_minor, coalesce(_apply_status.refunded_minor, 0)),
-               updated_at = now()
-         WHERE p.id = payment_id
-           AND (p.gateway_payment_ref IS NULL AND _apply_status.gateway_payment_ref IS NOT NULL
-                OR coalesce(_apply_status.refunded_minor, 0) > p.refunded_minor);
-        RETURN NULL;
-    END IF;
-    UPDATE crmpay.payments p
-       SET status = new_status,
-           gateway_payment_ref = coalesce(p.gateway_payment_ref, _apply_status.gateway_payment_ref),
-           refunded_minor = greatest(p.refunded_minor, coalesce(_apply_status.refunded_minor, 0)),
-           paid_at = CASE WHEN new_status = 'paid' THEN coalesce(p.paid_at, at) ELSE p.paid_at END,
-           updated_at = now()
-     WHERE p.id = payment_id;
-    RETURN v_old;
-END
-$$;
+    LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'crmpay_apply_status_sql';
 
 /*
- * _find_payment: the payment a webhook event is about, by the gateway's
- * link id, then its payment id, then our order reference.
- */
-CREATE FUNCTION crmpay._find_payment(account text, event jsonb) RETURNS bigint
-    LANGUAGE sql STABLE
-    SET search_path = pg_catalog, pg_temp
-AS $$
-    SELECT id FROM (
-        SELECT p.id, 1 AS rank FROM crmpay.payments p
-         WHERE p.account = _find_payment.account AND p.gateway_ref = event->>'gateway_ref'
-        UNION ALL
-        SELECT p.id, 2 FROM crmpay.payments p
-         WHERE p.account = _find_payment.account AND p.gateway_payment_ref = event->>'gateway_payment_ref'
-        UNION ALL
-        SELECT p.id, 3 FROM crmpay.payments p
-         WHERE p.account = _find_payment.account AND p.order_ref = event->>'order_ref'
-    ) candidates
-    ORDER BY rank LIMIT 1
-$$;
-
-/*
- * receive_webhook: the intake for every gateway.  The CRM's HTTP endpoint
- * passes the request's headers (a JSON object) and raw body, and answers
- * the gateway with http_status and reply.  Every delivery is recorded in
- * crmpay.events; an event id is applied at most once; out-of-order and
- * stale events cannot move a payment backwards.
+ * receive_webhook: the intake for every gateway (extension/webhook.c).  The
+ * CRM's HTTP endpoint passes the request's headers (a JSON object) and raw
+ * body, and answers the gateway with http_status and reply.  Every delivery
+ * is recorded in crmpay.events; an event id is applied at most once; late
+ * and out-of-order events cannot move a payment backwards (_apply_status).
  */
 CREATE FUNCTION crmpay.receive_webhook(account text, headers jsonb, body text)
     RETURNS TABLE (http_status integer, reply text, outcome text, event_id text)
-    LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+    LANGUAGE c VOLATILE SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    v_check jsonb;
-    v_event jsonb;
-    v_payment crmpay.payments;
-    v_payment_id bigint;
-    v_outcome text;
-    v_reason text;
-    v_old text;
-    v_new text;
-BEGIN
-    v_check := crmpay._webhook_check(account, headers, body, now());
-
-    IF NOT (v_check->>'valid')::boolean THEN
-        INSERT INTO crmpay.events (account, provider, outcome, reason, http_status, headers, body)
-        VALUES (coalesce(account, ''), v_check->>'provider', 'rejected', v_check->>'reason',
-                (v_check->>'http_status')::integer, headers, body);
-        RETURN QUERY SELECT (v_check->>'http_status')::integer, v_check->>'reason', 'rejected'::text, NULL::text;
-        RETURN;
-    END IF;
-
-    FOR v_event IN SELECT e FROM jsonb_array_elements(v_check->'events') e LOOP
-        -- deliveries of the same event are handled one at a time
-        PERFORM pg_advisory_xact_lock(hashtextextended('crmpay/event' || chr(31) || account || chr(31) || (v_event->>'event_key'), 0));
-        v_payment_id := NULL; v_old := NULL; v_new := NULL; v_reason := NULL;
-
-        IF EXISTS (SELECT FROM crmpay.events e
-                    WHERE e.account = receive_webhook.account
-                      AND e.event_key = v_event->>'event_key' AND e.outcome = 'applied') THEN
-            v_outcome := 'duplicate';
-            v_reason := 'event already applied';
-        ELSE
-            v_payment_id := crmpay._find_payment(account, v_event);
-            IF v_event->>'new_status' IS NULL THEN
-                v_outcome := 'ignored';
-                v_reason := format('event type %s does not change payments', v_event->>'event_type');
-            ELSIF v_payment_id IS NULL THEN
-                v_outcome := 'ignored';
-                v_reason := 'no matching payment';
-            ELSE
-                SELECT * INTO v_payment FROM crmpay.payments p WHERE p.id = v_payment_id;
-                IF v_event->>'new_status' IN ('paid', 'processing')
-                   AND ((v_event->>'amount_minor')::bigint <> v_payment.amount_minor
-                        OR v_event->>'currency' <> v_payment.currency) THEN
-                    v_outcome := 'ignored';
-                    v_reason := format('amount mismatch: event says %s %s, payment is %s %s',
-                                       v_event->>'amount_minor', v_event->>'currency',
-                                       v_payment.amount_minor, v_payment.currency);
-                ELSE
-                    v_old := crmpay._apply_status(v_payment_id, v_event->>'new_status',
-                                                  v_event->>'gateway_payment_ref',
-                                                  (v_event->>'refunded_minor')::bigint);
-                    IF v_old IS NOT NULL THEN
-                        v_outcome := 'applied';
-                        v_new := v_event->>'new_status';
-                    ELSE
-                        v_outcome := 'ignored';
-                        v_reason := format('payment is %s; %s would not move it forward',
-                                           v_payment.status, v_event->>'new_status');
-                        -- facts that only grow (payment ref, refunded amount) were kept
-                        IF v_payment.status = v_event->>'new_status' THEN
-                            v_reason := format('payment is already %s', v_payment.status);
-                        END IF;
-                    END IF;
-                END IF;
-            END IF;
-        END IF;
-
-        INSERT INTO crmpay.events (account, provider, event_key, event_type, payment_id, outcome,
-                                   reason, old_status, new_status, http_status, headers, body)
-        VALUES (account, v_check->>'provider', v_event->>'event_key', v_event->>'event_type',
-                v_payment_id, v_outcome, v_reason, v_old, v_new, 200, headers, body);
-
-        RETURN QUERY SELECT 200, coalesce(v_check->>'ack', ''), v_outcome, v_event->>'event_key';
-    END LOOP;
-END
-$$;
+    AS 'MODULE_PATHNAME', 'crmpay_receive_webhook';
 
 -- ---------------------------------------------------------------------
 -- Follow-up actions: NOTIFY on every status change
 -- ---------------------------------------------------------------------
 CREATE FUNCTION crmpay._notify_payment_change() RETURNS trigger
-    LANGUAGE plpgsql
-    SET search_path = pg_catalog, pg_temp
-AS $$
-BEGIN
-    PERFORM pg_notify('crmpay_payments', json_build_object(
-        'payment_id', NEW.id,
-        'account', NEW.account,
-        'order_ref', NEW.order_ref,
-        'old_status', CASE WHEN TG_OP = 'UPDATE' THEN OLD.status END,
-        'new_status', NEW.status)::text);
-    RETURN NULL;
-END
-$$;
+    LANGUAGE c AS 'MODULE_PATHNAME', 'crmpay_notify_payment_change';
 
 CREATE TRIGGER payments_notify_insert AFTER INSERT ON crmpay.payments
     FOR EACH ROW EXECUTE FUNCTION crmpay._notify_payment_change();
 CREATE TRIGGER payments_notify_update AFTER UPDATE OF status ON crmpay.payments
-    FOR EACH ROW WHEN (OLD.status IS DISTINCT FROM NEW.status)
-    EXECUTE FUNCTION crmpay._notify_payment_change();
+    FOR EACH ROW EXECUTE FUNCTION crmpay._notify_payment_change();
 
 -- ---------------------------------------------------------------------
 -- Privileges: PUBLIC gets nothing; each role gets what its job needs

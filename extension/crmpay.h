@@ -101,6 +101,14 @@ extern CrmpayHeaders *crmpay_headers_from_jsonb(Datum jsonb);
 extern const char *crmpay_header_get(const CrmpayHeaders *headers,
 									 const char *name);
 
+/* payments.c: the state machine */
+extern bool crmpay_apply_status_locked(int64 payment_id, const char *current_status,
+									   const char *new_status, const char *gateway_payment_ref,
+									   int64 refunded_minor, TimestampTz at);
+extern char *crmpay_apply_status(int64 payment_id, const char *new_status,
+								 const char *gateway_payment_ref, int64 refunded_minor,
+								 TimestampTz at);
+
 /* money */
 extern int64 crmpay_timestamptz_to_unix(TimestampTz ts);
 

@@ -14,6 +14,7 @@
 #include "provider.h"
 
 #include "catalog/pg_type.h"
+#include "commands/trigger.h"
 #include "executor/spi.h"
 #include "fmgr.h"
 #include "funcapi.h"
@@ -21,6 +22,7 @@
 #include "mb/pg_wchar.h"
 #include "utils/json.h"
 #include "utils/jsonb.h"
+#include "utils/inval.h"
 #include "utils/memutils.h"
 
 /* Gateways accepted by add_account that have no implementation yet. */
@@ -82,28 +84,73 @@ require_operation(const CrmpayProvider *provider, const void *operation,
 }
 
 /*
- * crmpay_load_account
- *		Reads an account row and opens the secrets asked for.  The result
- *		lives in the caller's memory context.  Works inside and outside
- *		other SPI users (it connects its own SPI level).
+ * Opened accounts are cached per backend: webhook intake and link creation
+ * would otherwise read and decrypt the account on every call.  A statement
+ * trigger on crmpay.gateway_accounts (crmpay._accounts_changed) sends a
+ * relcache invalidation for the table on every change; every backend then
+ * drops its cache (wiping the secrets) when it processes the invalidation,
+ * at the latest at its next transaction start.
  */
-CrmpayAccount *
-crmpay_load_account(const char *name, bool with_credentials,
-					bool with_webhook_secret, bool missing_ok)
+typedef struct CachedAccount
+{
+	struct CachedAccount *next;
+	CrmpayAccount account;
+	char	   *credentials_text;	/* decrypted, wiped on reset */
+} CachedAccount;
+
+static MemoryContext account_cache_cxt = NULL;
+static CachedAccount *account_cache = NULL;
+static Oid	accounts_relid = InvalidOid;
+
+/* Drops the cache, wiping the decrypted secrets first. */
+static void
+reset_account_cache(void)
+{
+	CachedAccount *entry;
+
+	for (entry = account_cache; entry != NULL; entry = entry->next)
+	{
+		if (entry->credentials_text)
+			explicit_bzero(entry->credentials_text, strlen(entry->credentials_text));
+		if (entry->account.webhook_secret)
+			explicit_bzero(entry->account.webhook_secret, strlen(entry->account.webhook_secret));
+	}
+	account_cache = NULL;
+	if (account_cache_cxt != NULL)
+		MemoryContextReset(account_cache_cxt);
+}
+
+/* Relcache callback: any change to crmpay.gateway_accounts (or a full reset). */
+static void
+account_cache_invalidate(Datum arg, Oid relid)
+{
+	if (relid == InvalidOid || relid == accounts_relid)
+	{
+		reset_account_cache();
+		accounts_relid = InvalidOid;	/* the table may have been recreated */
+	}
+}
+
+/*
+ * read_account
+ *		Reads an account row and opens both secrets, allocating the result in
+ *		the cache context.  NULL if there is no such account.
+ */
+static CachedAccount *
+read_account(const char *name)
 {
 	static SPIPlanPtr plan = NULL;
-	MemoryContext callercxt = CurrentMemoryContext;
-	CrmpayAccount *account = NULL;
+	CachedAccount *entry = NULL;
 	Datum		values[1];
 	int			rc;
 
 	values[0] = CStringGetTextDatum(name);
-
 	SPI_connect();
 	if (plan == NULL)
 	{
 		Oid			argtypes[1] = {TEXTOID};
-		SPIPlanPtr	p = SPI_prepare("SELECT provider, credentials, webhook_secret, settings::text"
+		SPIPlanPtr	p = SPI_prepare("SELECT provider, credentials, webhook_secret, settings::text,"
+									"       'crmpay.gateway_accounts'::regclass::oid"
 									"  FROM crmpay.gateway_accounts WHERE name = $1",
 									1, argtypes);
 
@@ -122,56 +169,106 @@ crmpay_load_account(const char *name, bool with_credentials,
 		HeapTuple	tuple = SPI_tuptable->vals[0];
 		bool		isnull;
 		Datum		d;
-		MemoryContext spicxt = MemoryContextSwitchTo(callercxt);
-		char	   *aad;
+		MemoryContext spicxt = MemoryContextSwitchTo(account_cache_cxt);
+		CrmpayAccount *account;
 		const char *settings_text;
 		const char *error;
 
-		account = palloc0(sizeof(CrmpayAccount));
+		entry = palloc0(sizeof(CachedAccount));
+		account = &entry->account;
 		account->name = pstrdup(name);
 		account->provider = crmpay_find_provider(SPI_getvalue(tuple, desc, 1), false);
+		accounts_relid = DatumGetObjectId(SPI_getbinval(tuple, desc, 5, &isnull));
 
 		settings_text = SPI_getvalue(tuple, desc, 4);
 		account->settings = crmpay_json_parse(settings_text, strlen(settings_text), &error);
 		if (account->settings == NULL)
 			elog(ERROR, "crmpay: settings of account \"%s\" unreadable: %s", name, error);
 
-		if (with_credentials)
-		{
-			d = SPI_getbinval(tuple, desc, 2, &isnull);
-			if (!isnull)
-			{
-				char	   *plain;
+		d = SPI_getbinval(tuple, desc, 2, &isnull);
+		entry->credentials_text = crmpay_decrypt_secret(DatumGetByteaPP(d),
+														psprintf("crmpay:%s:credentials", name));
+		account->credentials = crmpay_json_parse(entry->credentials_text,
+												 strlen(entry->credentials_text), &error);
+		if (account->credentials == NULL)
+			elog(ERROR, "crmpay: credentials of account \"%s\" unreadable", name);
 
-				aad = psprintf("crmpay:%s:credentials", name);
-				plain = crmpay_decrypt_secret(DatumGetByteaPP(d), aad);
-				account->credentials = crmpay_json_parse(plain, strlen(plain), &error);
-				if (account->credentials == NULL)
-					elog(ERROR, "crmpay: credentials of account \"%s\" unreadable", name);
-			}
-		}
-		if (with_webhook_secret)
-		{
-			d = SPI_getbinval(tuple, desc, 3, &isnull);
-			if (!isnull)
-			{
-				aad = psprintf("crmpay:%s:webhook_secret", name);
-				account->webhook_secret = crmpay_decrypt_secret(DatumGetByteaPP(d), aad);
-			}
-		}
+		d = SPI_getbinval(tuple, desc, 3, &isnull);
+		if (!isnull)
+			account->webhook_secret = crmpay_decrypt_secret(DatumGetByteaPP(d),
+															psprintf("crmpay:%s:webhook_secret", name));
 		account->api_base = crmpay_setting(account, "api_base");
 		if (account->api_base == NULL)
 			account->api_base = account->provider->default_api_base;
 		MemoryContextSwitchTo(spicxt);
 	}
 	SPI_finish();
+	return entry;
+}
 
-	if (account == NULL && !missing_ok)
+/*
+ * crmpay_load_account
+ *		The named account with its secrets opened, from the backend's cache
+ *		or read now.  The result belongs to the cache: read it, do not change
+ *		it, and do not keep it across transactions.
+ */
+CrmpayAccount *
+crmpay_load_account(const char *name, bool missing_ok)
+{
+	CachedAccount *entry;
+
+	if (account_cache_cxt == NULL)
+	{
+		account_cache_cxt = AllocSetContextCreate(CacheMemoryContext, "crmpay accounts",
+												  ALLOCSET_SMALL_SIZES);
+		CacheRegisterRelcacheCallback(account_cache_invalidate, (Datum) 0);
+	}
+
+	for (entry = account_cache; entry != NULL; entry = entry->next)
+		if (strcmp(entry->account.name, name) == 0)
+			return &entry->account;
+
+	PG_TRY();
+	{
+		entry = read_account(name);
+	}
+	PG_CATCH();
+	{
+		/* a half-built entry is not in the list; drop what it allocated */
+		reset_account_cache();
+		PG_RE_THROW();
+	}
+	PG_END_TRY();
+
+	if (entry != NULL)
+	{
+		entry->next = account_cache;
+		account_cache = entry;
+		return &entry->account;
+	}
+	if (!missing_ok)
 		ereport(ERROR,
 				(errcode(ERRCODE_UNDEFINED_OBJECT),
 				 errmsg("payment account \"%s\" does not exist", name),
 				 errhint("Add it with crmpay.add_account(); crmpay.accounts lists the existing ones.")));
-	return account;
+	return NULL;
+}
+
+PG_FUNCTION_INFO_V1(crmpay_accounts_changed);
+
+/*
+ * crmpay._accounts_changed() statement trigger on crmpay.gateway_accounts:
+ * tells every backend (at commit) to drop its cached accounts.
+ */
+Datum
+crmpay_accounts_changed(PG_FUNCTION_ARGS)
+{
+	TriggerData *trigdata = (TriggerData *) fcinfo->context;
+
+	if (!CALLED_AS_TRIGGER(fcinfo))
+		elog(ERROR, "crmpay: _accounts_changed must be called as a trigger");
+	CacheInvalidateRelcache(trigdata->tg_relation);
+	return PointerGetDatum(NULL);
 }
 
 /* A string setting of the account, or NULL. */
@@ -507,7 +604,7 @@ Datum
 crmpay_check_link_request(PG_FUNCTION_ARGS)
 {
 	char	   *name = text_to_cstring(PG_GETARG_TEXT_PP(0));
-	CrmpayAccount *account = crmpay_load_account(name, false, false, false);
+	CrmpayAccount *account = crmpay_load_account(name, false);
 	CrmpayLinkRequest *request = link_request_from_jsonb(PG_GETARG_DATUM(1));
 
 	require_operation(account->provider, account->provider->build_create_link,
@@ -529,7 +626,7 @@ Datum
 crmpay_gateway_create_link(PG_FUNCTION_ARGS)
 {
 	char	   *name = text_to_cstring(PG_GETARG_TEXT_PP(0));
-	CrmpayAccount *account = crmpay_load_account(name, true, false, false);
+	CrmpayAccount *account = crmpay_load_account(name, false);
 	CrmpayLinkRequest *request = link_request_from_jsonb(PG_GETARG_DATUM(1));
 	CrmpayLinkResult result;
 	CrmpayGatewayFailure failure;
@@ -569,7 +666,7 @@ crmpay_validate_account(PG_FUNCTION_ARGS)
 	{
 		/* update_account without new credentials: check against the stored ones */
 		CrmpayAccount *existing = PG_ARGISNULL(0) ? NULL
-			: crmpay_load_account(text_to_cstring(PG_GETARG_TEXT_PP(0)), true, false, true);
+			: crmpay_load_account(text_to_cstring(PG_GETARG_TEXT_PP(0)), true);
 
 		if (existing == NULL || existing->credentials == NULL)
 			ereport(ERROR,

@@ -16,13 +16,16 @@
 
 struct CrmpayProvider;
 
-/* An account with its secrets opened, as the provider functions see it. */
+/*
+ * An account with its secrets opened, as the provider functions see it.
+ * Accounts come from a per-backend cache (crmpay_load_account): read-only.
+ */
 typedef struct CrmpayAccount
 {
 	char	   *name;
 	const struct CrmpayProvider *provider;
-	CrmpayJson *credentials;	/* decrypted; NULL unless requested */
-	char	   *webhook_secret; /* decrypted; NULL if none or not requested */
+	CrmpayJson *credentials;	/* decrypted */
+	char	   *webhook_secret; /* decrypted; NULL if the account has none */
 	CrmpayJson *settings;
 	const char *api_base;		/* settings.api_base or the provider default */
 } CrmpayAccount;
@@ -133,10 +136,7 @@ typedef struct CrmpayProvider
 extern const CrmpayProvider *crmpay_find_provider(const char *name,
 												  bool missing_ok);
 extern const char *crmpay_provider_names(void);
-extern CrmpayAccount *crmpay_load_account(const char *name,
-										  bool with_credentials,
-										  bool with_webhook_secret,
-										  bool missing_ok);
+extern CrmpayAccount *crmpay_load_account(const char *name, bool missing_ok);
 extern const char *crmpay_setting(const CrmpayAccount *account,
 								  const char *key);
 extern bool crmpay_create_link(const CrmpayAccount *account,

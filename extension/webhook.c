@@ -3,20 +3,25 @@
  * webhook.c
  *	  Webhook intake, the C half: authenticity checks and event parsing.
  *
- *	  crmpay._webhook_check() opens the account's webhook secret, checks the
- *	  delivery with the provider's verifier and turns it into normalised
- *	  events, returned as jsonb.  It never raises an ERROR for anything a
- *	  sender controls (bad signature, malformed body, unknown account): the
- *	  SQL half (crmpay.receive_webhook in the install script) records every
- *	  delivery, rejected or not, and applies events through the payment
- *	  state machine.  crmpay.verify_signature() is the same check as a pure
- *	  function.
+ *	  crmpay.receive_webhook() opens the account's webhook secret, checks the
+ *	  delivery with the provider's verifier, turns it into normalised events
+ *	  and applies them through the payment state machine (payments.c),
+ *	  recording every delivery in crmpay.events.  It
+ *	  never raises an ERROR for anything a sender controls (bad signature,
+ *	  malformed body, unknown account).  The statements are prepared once
+ *	  per backend and take parameters only.  crmpay.verify_signature() is
+ *	  the same check as a pure function.
  *
  *-------------------------------------------------------------------------
  */
 #include "provider.h"
 
+#include "catalog/pg_type.h"
+#include "common/hashfn.h"
+#include "executor/spi.h"
 #include "fmgr.h"
+#include "funcapi.h"
+#include "utils/fmgrprotos.h"
 #include "utils/builtins.h"
 #include "mb/pg_wchar.h"
 #include "utils/json.h"
@@ -37,128 +42,326 @@ interval_to_seconds(const Interval *interval)
 	return secs > 0 ? secs : 0;
 }
 
-static void
-append_json_field(StringInfo buf, const char *name, const char *value, bool *first)
+/* What the C side concluded about one delivery. */
+typedef struct Verdict
 {
-	if (!*first)
-		appendStringInfoString(buf, ", ");
-	*first = false;
-	escape_json(buf, name);
-	appendStringInfoString(buf, ": ");
-	if (value == NULL)
-		appendStringInfoString(buf, "null");
-	else
-		escape_json(buf, value);
-}
+	const char *provider;		/* NULL when the account is unknown */
+	bool		valid;
+	int			http_status;
+	const char *reason;
+	const char *ack;
+	List	   *events;			/* of CrmpayWebhookEvent * */
+} Verdict;
 
-static void
-append_json_int(StringInfo buf, const char *name, int64 value, bool *first)
+static Verdict
+reject(const char *provider, int http_status, const char *reason)
 {
-	if (!*first)
-		appendStringInfoString(buf, ", ");
-	*first = false;
-	escape_json(buf, name);
-	if (value < 0)
-		appendStringInfoString(buf, ": null");
-	else
-		appendStringInfo(buf, ": " INT64_FORMAT, value);
+	Verdict		v = {provider, false, http_status, reason, NULL, NIL};
+
+	return v;
 }
-
-/* Builds the verdict jsonb for receive_webhook. */
-static Datum
-verdict(const char *provider, bool valid, int http_status, const char *reason,
-		const char *ack, List *events)
-{
-	StringInfoData buf;
-	bool		first = true;
-	ListCell   *lc;
-
-	initStringInfo(&buf);
-	appendStringInfoChar(&buf, '{');
-	append_json_field(&buf, "provider", provider, &first);
-	appendStringInfo(&buf, ", \"valid\": %s, \"http_status\": %d", valid ? "true" : "false", http_status);
-	append_json_field(&buf, "reason", reason, &first);
-	append_json_field(&buf, "ack", ack, &first);
-	appendStringInfoString(&buf, ", \"events\": [");
-	foreach(lc, events)
-	{
-		CrmpayWebhookEvent *e = lfirst(lc);
-
-		first = true;
-		if (lc != list_head(events))
-			appendStringInfoString(&buf, ", ");
-		appendStringInfoChar(&buf, '{');
-		append_json_field(&buf, "event_key", e->event_key, &first);
-		append_json_field(&buf, "event_type", e->event_type, &first);
-		append_json_field(&buf, "gateway_ref", e->gateway_ref, &first);
-		append_json_field(&buf, "gateway_payment_ref", e->gateway_payment_ref, &first);
-		append_json_field(&buf, "order_ref", e->order_ref, &first);
-		append_json_field(&buf, "new_status", e->new_status, &first);
-		append_json_int(&buf, "amount_minor", e->amount_minor, &first);
-		append_json_field(&buf, "currency", e->currency, &first);
-		append_json_int(&buf, "refunded_minor", e->refunded_minor, &first);
-		appendStringInfoChar(&buf, '}');
-	}
-	appendStringInfoString(&buf, "]}");
-	return DirectFunctionCall1(jsonb_in, CStringGetDatum(buf.data));
-}
-
-PG_FUNCTION_INFO_V1(crmpay_webhook_check);
 
 /*
- * crmpay._webhook_check(account text, headers jsonb, body text,
- *						 at timestamptz) RETURNS jsonb
- *		{"provider", "valid", "http_status", "reason", "ack", "events": [...]}
+ * check_delivery
+ *		Opens the account's webhook secret, verifies the delivery and parses
+ *		its events.  Never raises for anything the sender controls.
  */
-Datum
-crmpay_webhook_check(PG_FUNCTION_ARGS)
+static Verdict
+check_delivery(const char *name, Datum headers_jsonb, bool headers_null,
+			   text *body, TimestampTz at)
 {
-	char	   *name;
-	CrmpayHeaders *headers;
-	text	   *body;
-	TimestampTz at = PG_ARGISNULL(3) ? GetCurrentTimestamp() : PG_GETARG_TIMESTAMPTZ(3);
 	CrmpayAccount *account;
 	const CrmpayProvider *provider;
+	CrmpayHeaders *headers;
 	CrmpayVerifyResult check;
 	const char *reason = NULL;
-	List	   *events;
+	Verdict		v;
 
-	if (PG_ARGISNULL(0))
-		PG_RETURN_DATUM(verdict(NULL, false, 404, "no account given", NULL, NIL));
-	if (PG_ARGISNULL(2))
-		PG_RETURN_DATUM(verdict(NULL, false, 400, "empty body", NULL, NIL));
-	name = text_to_cstring(PG_GETARG_TEXT_PP(0));
-	body = PG_GETARG_TEXT_PP(2);
-
-	account = crmpay_load_account(name, false, true, true);
+	if (name == NULL)
+		return reject(NULL, 404, "no account given");
+	account = crmpay_load_account(name, true);
 	if (account == NULL)
-		PG_RETURN_DATUM(verdict(NULL, false, 404, "unknown account", NULL, NIL));
+		return reject(NULL, 404, "unknown account");
 	provider = account->provider;
-
 	if (provider->verify_webhook == NULL || provider->parse_webhook == NULL)
-		PG_RETURN_DATUM(verdict(provider->name, false, 501,
-								"webhooks are not supported for this provider yet", NULL, NIL));
+		return reject(provider->name, 501, "webhooks are not supported for this provider yet");
 	if (account->webhook_secret == NULL)
-		PG_RETURN_DATUM(verdict(provider->name, false, 400,
-								"account has no webhook secret", NULL, NIL));
+		return reject(provider->name, 400, "account has no webhook secret");
+	if (body == NULL)
+		return reject(provider->name, 400, "empty body");
 	if (VARSIZE_ANY_EXHDR(body) > (Size) crmpay_max_webhook_bytes)
-		PG_RETURN_DATUM(verdict(provider->name, false, 413,
-								"body larger than crmpay.max_webhook_bytes", NULL, NIL));
+		return reject(provider->name, 413, "body larger than crmpay.max_webhook_bytes");
 
-	headers = PG_ARGISNULL(1) ? palloc0(sizeof(CrmpayHeaders))
-		: crmpay_headers_from_jsonb(PG_GETARG_DATUM(1));
-
+	headers = headers_null ? palloc0(sizeof(CrmpayHeaders)) : crmpay_headers_from_jsonb(headers_jsonb);
 	check = provider->verify_webhook(account->webhook_secret, headers,
 									 VARDATA_ANY(body), VARSIZE_ANY_EXHDR(body),
 									 crmpay_webhook_tolerance_s, at);
 	if (!check.valid)
-		PG_RETURN_DATUM(verdict(provider->name, false, 400, check.reason, NULL, NIL));
+		return reject(provider->name, 400, check.reason);
 
-	events = provider->parse_webhook(headers, VARDATA_ANY(body), VARSIZE_ANY_EXHDR(body), &reason);
-	if (events == NIL)
-		PG_RETURN_DATUM(verdict(provider->name, false, 400,
-								reason ? reason : "no events in delivery", NULL, NIL));
-	PG_RETURN_DATUM(verdict(provider->name, true, 200, NULL, provider->webhook_ack, events));
+	v.events = provider->parse_webhook(headers, VARDATA_ANY(body), VARSIZE_ANY_EXHDR(body), &reason);
+	if (v.events == NIL)
+		return reject(provider->name, 400, reason ? reason : "no events in delivery");
+	v.provider = provider->name;
+	v.valid = true;
+	v.http_status = 200;
+	v.reason = NULL;
+	v.ack = provider->webhook_ack;
+	return v;
+}
+
+/* Saved plans of the intake, prepared once per backend. */
+enum
+{
+	PLAN_INSERT_EVENT,
+	PLAN_FIND_PAYMENT,
+	NUM_PLANS
+};
+
+static SPIPlanPtr intake_plans[NUM_PLANS];
+
+static SPIPlanPtr
+intake_plan(int which)
+{
+	static const struct
+	{
+		const char *sql;
+		int			nargs;
+		Oid			types[12];
+	}			defs[NUM_PLANS] = {
+		[PLAN_INSERT_EVENT] = {
+			"INSERT INTO crmpay.events (account, provider, event_key, event_type, payment_id, outcome,"
+			" reason, old_status, new_status, http_status, headers, body)"
+			" VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+			12, {TEXTOID, TEXTOID, TEXTOID, TEXTOID, INT8OID, TEXTOID, TEXTOID, TEXTOID, TEXTOID,
+			INT4OID, JSONBOID, TEXTOID}
+		},
+		/*
+		 * Was this event applied already, and which payment is it about (by
+		 * the gateway's link id, then its payment id, then our order ref)?
+		 * The payment row is locked, so the state machine decides on its
+		 * latest status.
+		 */
+		[PLAN_FIND_PAYMENT] = {
+			"SELECT a.applied, p.id, p.status, p.amount_minor, p.currency"
+			"  FROM (SELECT EXISTS (SELECT 1 FROM crmpay.events e WHERE e.account = $1"
+			"                          AND e.event_key = $5 AND e.outcome = 'applied') AS applied) a"
+			"  LEFT JOIN LATERAL ("
+			"        SELECT id, status, amount_minor, currency FROM crmpay.payments"
+			"         WHERE account = $1 AND (gateway_ref = $2 OR gateway_payment_ref = $3 OR order_ref = $4)"
+			"         ORDER BY CASE WHEN gateway_ref = $2 THEN 1 WHEN gateway_payment_ref = $3 THEN 2 ELSE 3 END"
+			"         LIMIT 1 FOR UPDATE) p ON true",
+			5, {TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID}
+		},
+	};
+
+	if (intake_plans[which] == NULL)
+	{
+		SPIPlanPtr	plan = SPI_prepare(defs[which].sql, defs[which].nargs,
+									   (Oid *) defs[which].types);
+
+		if (plan == NULL)
+			elog(ERROR, "crmpay: SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
+		SPI_keepplan(plan);
+		intake_plans[which] = plan;
+	}
+	return intake_plans[which];
+}
+
+static Datum
+text_or_null(const char *s, char *isnull)
+{
+	*isnull = s ? ' ' : 'n';
+	return s ? CStringGetTextDatum(s) : (Datum) 0;
+}
+
+static void
+spi_run(int which, Datum *values, const char *nulls, int expected)
+{
+	int			rc = SPI_execute_plan(intake_plan(which), values, nulls, false, 0);
+
+	if (rc != expected)
+		elog(ERROR, "crmpay: intake statement %d failed: %s", which, SPI_result_code_string(rc));
+}
+
+/* Records one delivery or event in crmpay.events. */
+static void
+record_event(const char *account, const char *provider, const CrmpayWebhookEvent *event,
+			 int64 payment_id, const char *outcome, const char *reason,
+			 const char *old_status, const char *new_status, int http_status,
+			 Datum headers, bool headers_null, text *body)
+{
+	Datum		values[12];
+	char		nulls[12];
+
+	values[0] = text_or_null(account, &nulls[0]);
+	values[1] = text_or_null(provider, &nulls[1]);
+	values[2] = text_or_null(event ? event->event_key : NULL, &nulls[2]);
+	values[3] = text_or_null(event ? event->event_type : NULL, &nulls[3]);
+	values[4] = Int64GetDatum(payment_id);
+	nulls[4] = payment_id > 0 ? ' ' : 'n';
+	values[5] = text_or_null(outcome, &nulls[5]);
+	values[6] = text_or_null(reason, &nulls[6]);
+	values[7] = text_or_null(old_status, &nulls[7]);
+	values[8] = text_or_null(new_status, &nulls[8]);
+	values[9] = Int32GetDatum(http_status);
+	nulls[9] = ' ';
+	values[10] = headers;
+	nulls[10] = headers_null ? 'n' : ' ';
+	values[11] = PointerGetDatum(body);
+	nulls[11] = body ? ' ' : 'n';
+	spi_run(PLAN_INSERT_EVENT, values, nulls, SPI_OK_INSERT);
+}
+
+/*
+ * apply_event
+ *		Dedupes and applies one authentic event; returns its outcome and
+ *		fills *reason, *payment_id and the status change.
+ */
+static const char *
+apply_event(const char *account, const CrmpayWebhookEvent *event, const char **reason,
+			int64 *payment_id, char **old_status)
+{
+	Datum		values[5];
+	char		nulls[5];
+	char	   *lock_key;
+	bool		isnull;
+	HeapTuple	row;
+	TupleDesc	desc;
+	char	   *status;
+	int64		amount;
+	char	   *currency;
+
+	*payment_id = 0;
+	*old_status = NULL;
+
+	/* deliveries of the same event are handled one at a time */
+	lock_key = psprintf("crmpay/event\x1f%s\x1f%s", account, event->event_key);
+	DirectFunctionCall1(pg_advisory_xact_lock_int8,
+						Int64GetDatum((int64) hash_bytes_extended((unsigned char *) lock_key,
+																  strlen(lock_key), 0)));
+
+	values[0] = CStringGetTextDatum(account);
+	nulls[0] = ' ';
+	values[1] = text_or_null(event->gateway_ref, &nulls[1]);
+	values[2] = text_or_null(event->gateway_payment_ref, &nulls[2]);
+	values[3] = text_or_null(event->order_ref, &nulls[3]);
+	values[4] = CStringGetTextDatum(event->event_key);
+	nulls[4] = ' ';
+	spi_run(PLAN_FIND_PAYMENT, values, nulls, SPI_OK_SELECT);
+	row = SPI_tuptable->vals[0];
+	desc = SPI_tuptable->tupdesc;
+
+	if (DatumGetBool(SPI_getbinval(row, desc, 1, &isnull)))
+	{
+		*reason = "event already applied";
+		return "duplicate";
+	}
+	if (event->new_status == NULL)
+	{
+		*reason = psprintf("event type %s does not change payments", event->event_type);
+		return "ignored";
+	}
+	*payment_id = DatumGetInt64(SPI_getbinval(row, desc, 2, &isnull));
+	if (isnull)
+	{
+		*payment_id = 0;
+		*reason = "no matching payment";
+		return "ignored";
+	}
+	status = SPI_getvalue(row, desc, 3);
+	amount = DatumGetInt64(SPI_getbinval(row, desc, 4, &isnull));
+	currency = SPI_getvalue(row, desc, 5);
+
+	/* money facts must match what was asked for before they count */
+	if ((strcmp(event->new_status, "paid") == 0 || strcmp(event->new_status, "processing") == 0) &&
+		((event->amount_minor >= 0 && event->amount_minor != amount) ||
+		 (event->currency != NULL && strcmp(event->currency, currency) != 0)))
+	{
+		*reason = psprintf("amount mismatch: event says " INT64_FORMAT " %s, payment is " INT64_FORMAT " %s",
+						   event->amount_minor, event->currency ? event->currency : "?",
+						   amount, currency);
+		return "ignored";
+	}
+
+	if (crmpay_apply_status_locked(*payment_id, status, event->new_status,
+								   event->gateway_payment_ref, event->refunded_minor,
+								   GetCurrentTransactionStartTimestamp()))
+	{
+		*old_status = status;
+		return "applied";
+	}
+	*reason = strcmp(status, event->new_status) == 0
+		? psprintf("payment is already %s", status)
+		: psprintf("payment is %s; %s would not move it forward", status, event->new_status);
+	return "ignored";
+}
+
+static void
+emit_row(ReturnSetInfo *rsinfo, int http_status, const char *reply,
+		 const char *outcome, const char *event_id)
+{
+	Datum		values[4];
+	bool		nulls[4] = {false, reply == NULL, false, event_id == NULL};
+
+	values[0] = Int32GetDatum(http_status);
+	values[1] = reply ? CStringGetTextDatum(reply) : (Datum) 0;
+	values[2] = CStringGetTextDatum(outcome);
+	values[3] = event_id ? CStringGetTextDatum(event_id) : (Datum) 0;
+	tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
+}
+
+PG_FUNCTION_INFO_V1(crmpay_receive_webhook);
+
+/*
+ * crmpay.receive_webhook(account text, headers jsonb, body text)
+ *	RETURNS TABLE (http_status int, reply text, outcome text, event_id text)
+ *
+ *		The intake for every gateway.  Every delivery is recorded in
+ *		crmpay.events (rejected ones with the reason); each event is applied
+ *		at most once per account, through crmpay_apply_status, so late and
+ *		out-of-order events cannot move a payment backwards.  One row per
+ *		event (a batch gives several), or one row for a rejected delivery.
+ */
+Datum
+crmpay_receive_webhook(PG_FUNCTION_ARGS)
+{
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	const char *account = PG_ARGISNULL(0) ? NULL : text_to_cstring(PG_GETARG_TEXT_PP(0));
+	bool		headers_null = PG_ARGISNULL(1);
+	Datum		headers = headers_null ? (Datum) 0 : PG_GETARG_DATUM(1);
+	text	   *body = PG_ARGISNULL(2) ? NULL : PG_GETARG_TEXT_PP(2);
+	Verdict		verdict;
+	ListCell   *lc;
+
+	InitMaterializedSRF(fcinfo, 0);
+	verdict = check_delivery(account, headers, headers_null, body, GetCurrentTimestamp());
+
+	SPI_connect();
+	if (!verdict.valid)
+	{
+		record_event(account ? account : "", verdict.provider, NULL, 0, "rejected",
+					 verdict.reason, NULL, NULL, verdict.http_status, headers, headers_null, body);
+		emit_row(rsinfo, verdict.http_status, verdict.reason, "rejected", NULL);
+	}
+	else
+	{
+		foreach(lc, verdict.events)
+		{
+			CrmpayWebhookEvent *event = lfirst(lc);
+			const char *reason = NULL;
+			int64		payment_id;
+			char	   *old_status;
+			const char *outcome = apply_event(account, event, &reason, &payment_id, &old_status);
+
+			record_event(account, verdict.provider, event, payment_id, outcome, reason,
+						 old_status, old_status ? event->new_status : NULL, 200,
+						 headers, headers_null, body);
+			emit_row(rsinfo, 200, verdict.ack ? verdict.ack : "", outcome, event->event_key);
+		}
+	}
+	SPI_finish();
+	return (Datum) 0;
 }
 
 PG_FUNCTION_INFO_V1(crmpay_verify_signature);

@@ -142,7 +142,7 @@ SELECT * FROM crmpay.receive_webhook('shop', '{}',
 SELECT * FROM pg_temp.deliver(pg_temp.evt('evt_61', 'checkout.session.completed',
     '{"id": "cs_test_w3", "payment_status": "paid"}'), 'whsec_wrong');
 SELECT * FROM pg_temp.deliver(pg_temp.evt('evt_62', 'checkout.session.completed',
-    '{"id": "cs_test_w3", "payment_status": "paid"}'), t => extract(epoch FROM now())::bigint - 301);
+    '{"id": "cs_test_w3", "payment_status": "paid"}'), t => extract(epoch FROM now())::bigint - 400);
 SELECT * FROM pg_temp.deliver('{"id": "evt_63", "type": "checkout.session.completed", ');
 SELECT * FROM pg_temp.deliver('[1, 2, 3]');
 SELECT * FROM pg_temp.deliver(repeat('[', 100) || repeat(']', 100));

@@ -33,7 +33,7 @@ SELECT http_status, outcome FROM crmpay.receive_webhook('shop', '{}', '{}');
 SELECT count(*) FROM crmpay.payments;
 SELECT count(*) FROM crmpay.events;
 SELECT crmpay.create_payment_link('shop', 'P-1', 1, 'EUR');
-SELECT crmpay._webhook_check('shop', '{}', '{}', now());
+SELECT crmpay._apply_status(1, 'paid');
 SELECT crmpay.verify_signature('stripe', 'x', '{}', '{}');
 RESET ROLE;
 

@@ -1,0 +1,159 @@
+"""Benchmarks for the foundation (issue 2), ratios measured in one run:
+
+1. crmpay.verify_signature('stripe', ...) on a 2 KB body, versus raw
+   HMAC-SHA256 of the same bytes in C (bench/raw_hmac.c, same OpenSSL call).
+   Target: crmpay at least half the raw rate.
+2. crmpay.receive_webhook for a realistic Stripe event (verified, deduped,
+   applied to an open payment: UPDATE + NOTIFY + event row), versus a bare
+   INSERT of the same body into a jsonb table, both through pgbench.
+   Target: at most 2x the bare insert's cost per transaction.
+"""
+
+import hashlib
+import hmac
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "tests"))
+from lib.cluster import PgCluster  # noqa: E402
+
+SECRET = "whsec_bench_secret_0123456789"
+BINDIR = os.environ["CRMPAY_PG_BINDIR"]
+
+
+def stripe_event(i, session):
+    """A realistic ~2 KB checkout.session.completed event, pretty-printed like Stripe's."""
+    obj = {
+        "id": session, "object": "checkout.session", "after_expiration": None,
+        "allow_promotion_codes": None, "amount_subtotal": 1999, "amount_total": 1999,
+        "automatic_tax": {"enabled": False, "liability": None, "status": None},
+        "billing_address_collection": None, "cancel_url": "https://shop.example/cart",
+        "client_reference_id": f"BENCH-{i}", "consent": None, "currency": "eur",
+        "customer": None, "customer_creation": "if_required",
+        "customer_details": {"address": {"city": "Madrid", "country": "ES", "line1": "Gran Via 1",
+                                         "line2": None, "postal_code": "28013", "state": None},
+                             "email": "ana@example.com", "name": "Ana Garcia", "phone": None,
+                             "tax_exempt": "none", "tax_ids": []},
+        "customer_email": "ana@example.com", "expires_at": 1700086400, "invoice": None,
+        "livemode": False, "locale": None, "metadata": {"crmpay_order_ref": f"BENCH-{i}"},
+        "mode": "payment", "payment_intent": f"pi_bench_{i:08d}", "payment_link": None,
+        "payment_method_collection": "if_required", "payment_method_types": ["card"],
+        "payment_status": "paid", "shipping_address_collection": None, "status": "complete",
+        "submit_type": None, "subscription": None, "success_url": "https://shop.example/paid",
+        "total_details": {"amount_discount": 0, "amount_shipping": 0, "amount_tax": 0}, "url": None,
+    }
+    event = {"id": f"evt_bench_{i:08d}", "object": "event", "api_version": "2024-06-20",
+             "created": 1700000000, "data": {"object": obj}, "livemode": False,
+             "pending_webhooks": 1, "request": {"id": None, "idempotency_key": None},
+             "type": "checkout.session.completed"}
+    return json.dumps(event, indent=2)
+
+
+def sign(body, t):
+    mac = hmac.new(SECRET.encode(), f"{t}.{body}".encode(), hashlib.sha256).hexdigest()
+    return json.dumps({"Stripe-Signature": f"t={t},v1={mac}", "Content-Type": "application/json; charset=utf-8"})
+
+
+def bench_verify(conn, tmp):
+    body = stripe_event(0, "cs_bench_0")
+    body = body + " " * max(0, 2048 - len(body))  # exactly 2 KB on the wire
+    assert len(body.encode()) == 2048
+    with open(os.path.join(tmp, "body.json"), "w") as f:
+        f.write(body)
+    exe = os.path.join(tmp, "raw_hmac")
+    subprocess.run(["cc", "-O2", "-o", exe, os.path.join(REPO, "bench", "raw_hmac.c"), "-lcrypto"], check=True)
+    n = 200000
+    raw = max(float(subprocess.run([exe, os.path.join(tmp, "body.json"), str(n)], check=True,
+                                   capture_output=True, text=True).stdout) for _ in range(3))
+    headers = sign(body, 1700000000)
+    sql = ("SELECT count(*) FROM generate_series(1, %s) WHERE crmpay.verify_signature("
+           "'stripe', %s, %s::jsonb, %s, '0', now())")
+    best = 0.0
+    for _ in range(3):
+        t0 = time.perf_counter()
+        ok = conn.execute(sql, (n, SECRET, headers, body)).fetchone()[0]
+        best = max(best, n / (time.perf_counter() - t0))
+        assert ok == n, "every verification must succeed"
+    ratio = best / raw
+    print(f"verify_signature (stripe, 2 KB body): {best:,.0f}/s in SQL vs raw C HMAC-SHA256 {raw:,.0f}/s "
+          f"-> ratio {ratio:.2f} (target >= 0.50: {'met' if ratio >= 0.5 else 'MISSED'})")
+    return ratio
+
+
+def pgbench(cluster, script, transactions, clients=2):
+    path = os.path.join(cluster.tmpdir, "bench.sql")
+    with open(path, "w") as f:
+        f.write(script)
+    os.chmod(path, 0o644)
+    out = subprocess.run([os.path.join(BINDIR, "pgbench"), "-n", "-h", cluster.tmpdir, "-p", str(cluster.port),
+                          "-U", "postgres", "-c", str(clients), "-j", str(clients), "-t", str(transactions),
+                          "-f", path, "bench"], check=True, capture_output=True, text=True).stdout
+    tps = float(re.search(r"tps = ([0-9.]+)", out).group(1))
+    return tps
+
+
+def bench_receive(cluster):
+    clients, per_client = 2, 5000
+    total = clients * per_client * 2  # events for the warm-up round and the measured round
+    conn = cluster.connect("bench")
+    conn.execute("CREATE EXTENSION crmpay")
+    conn.execute("SELECT crmpay.add_account('shop', 'stripe', '{\"secret_key\": \"sk_test_bench\"}', %s, "
+                 "'{\"success_url\": \"https://shop.example/paid\"}')", (SECRET,))
+    conn.execute("""INSERT INTO crmpay.payments (account, order_ref, amount_minor, currency, status,
+                                                 gateway_ref, idempotency_key)
+                    SELECT 'shop', 'BENCH-' || i, 1999, 'EUR', 'open', 'cs_bench_' || i, 'k' || i
+                      FROM generate_series(1, %s) i""", (total,))
+    conn.execute("CREATE TABLE deliveries (i bigint PRIMARY KEY, headers jsonb, body text)")
+    now = int(time.time())
+    with conn.cursor().copy("COPY deliveries FROM STDIN") as copy:
+        for i in range(1, total + 1):
+            body = stripe_event(i, f"cs_bench_{i}")
+            copy.write_row((i, sign(body, now), body))
+    conn.execute("CREATE TABLE bare (id bigserial PRIMARY KEY, body jsonb, received_at timestamptz DEFAULT now())")
+    conn.execute("CREATE SEQUENCE s_bare; CREATE SEQUENCE s_crmpay")
+    conn.execute("ANALYZE")
+
+    # Both read their delivery the same way (next sequence value -> primary key).
+    bare = ("INSERT INTO bare (body) SELECT d.body::jsonb FROM (SELECT nextval('s_bare') AS i) n "
+            "JOIN deliveries d ON d.i = n.i;\n")
+    crmpay = ("SELECT r.* FROM (SELECT nextval('s_crmpay') AS i) n JOIN deliveries d ON d.i = n.i, "
+              "LATERAL crmpay.receive_webhook('shop', d.headers, d.body) r;\n")
+    # warm-up round for both, then the measured round (same sizes, same machine, same run)
+    pgbench(cluster, bare, per_client, clients)
+    pgbench(cluster, crmpay, per_client, clients)
+    tps_bare = pgbench(cluster, bare, per_client, clients)
+    tps_crmpay = pgbench(cluster, crmpay, per_client, clients)
+    applied = conn.execute("SELECT count(*) FROM crmpay.events WHERE outcome = 'applied'").fetchone()[0]
+    assert applied == total, f"every delivery must be applied once ({applied} of {total})"
+    cost = tps_bare / tps_crmpay
+    print(f"receive_webhook (verify + dedupe + apply): {tps_crmpay:,.0f} tps vs bare jsonb INSERT "
+          f"{tps_bare:,.0f} tps -> {cost:.2f}x the cost (target <= 2.0: {'met' if cost <= 2.0 else 'MISSED'})")
+    conn.close()
+    return cost
+
+
+def main():
+    tmp = tempfile.mkdtemp(prefix="crmpay-bench-")
+    cluster = PgCluster(BINDIR, settings={"synchronous_commit": "off"})
+    cluster.start()
+    try:
+        cluster.create_database("bench")
+        conn = cluster.connect("bench")
+        conn.execute("CREATE EXTENSION IF NOT EXISTS crmpay")
+        bench_verify(conn, tmp)
+        conn.execute("DROP EXTENSION crmpay")
+        conn.close()
+        bench_receive(cluster)
+    finally:
+        cluster.cleanup()
+        subprocess.run(["rm", "-rf", tmp])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Test harness helpers (PgCluster in cluster.py; pgtree.sh builds the private install tree)."""
