@@ -9,7 +9,10 @@ EXTENSION  = crmpay
 EXTVERSION = 1.0
 MODULE_big = crmpay
 OBJS       = $(patsubst %.c,%.o,$(sort $(wildcard extension/*.c)))
-DATA       = $(sort $(wildcard extension/crmpay--*.sql))
+# The install script is assembled from one part per concern (extension/sql/,
+# in name order); upgrade scripts crmpay--X--Y.sql are shipped as they are.
+DATA_built = extension/crmpay--$(EXTVERSION).sql
+DATA       = $(sort $(wildcard extension/crmpay--*--*.sql))
 PGFILEDESC = "crmpay - payment gateways inside PostgreSQL"
 
 PG_CONFIG ?= /usr/lib/postgresql/15/bin/pg_config
@@ -27,6 +30,9 @@ else
 all install:
 	@echo "PGXS not found: run 'make deps' first (installs postgresql-server-dev-15)" >&2; exit 1
 endif
+
+extension/crmpay--$(EXTVERSION).sql: $(sort $(wildcard extension/sql/*.sql))
+	cat $^ > $@
 
 .PHONY: deps test demo fuzz bench check-clang regress integration
 
