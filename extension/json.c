@@ -13,17 +13,37 @@
  *
  *-------------------------------------------------------------------------
  */
+#ifdef FRONTEND
+/* the fuzz harnesses build the tree reader alone, against libpgcommon */
+#include "postgres_fe.h"
+#include "json.h"
+#else
 #include "crmpay.h"
 
-#include "common/jsonapi.h"
 #include "fmgr.h"
-#include "mb/pg_wchar.h"
 #include "utils/builtins.h"
 #include "utils/formatting.h"
 #include "utils/jsonb.h"
 #include "utils/memutils.h"
+#endif
+
+#include "common/jsonapi.h"
+#include "mb/pg_wchar.h"
 
 #include "codec.h"
+
+#ifdef FRONTEND
+#define JSON_ENCODING PG_UTF8
+#define TEXT_IS_VALID(t, n) (pg_encoding_verifymbstr(PG_UTF8, (t), (n)) == (n))
+#define JSON_ERROR_TEXT(rc, lex) "invalid JSON"
+#ifndef MaxAllocSize
+#define MaxAllocSize ((size_t) 0x3fffffff)
+#endif
+#else
+#define JSON_ENCODING GetDatabaseEncoding()
+#define TEXT_IS_VALID(t, n) pg_verifymbstr((t), (n), true)
+#define JSON_ERROR_TEXT(rc, lex) json_errdetail((rc), (lex))
+#endif
 
 typedef struct JsonBuildState
 {
@@ -178,14 +198,14 @@ crmpay_json_parse(const char *text, size_t len, const char **error)
 		return NULL;
 	}
 
-	if (!pg_verifymbstr(text, (int) len, true))
+	if (!TEXT_IS_VALID(text, (int) len))
 	{
 		*error = "JSON text is not valid in the database encoding";
 		return NULL;
 	}
 
 	copy = pnstrdup(text, len);
-	lex = makeJsonLexContextCstringLen(copy, (int) len, GetDatabaseEncoding(), true);
+	lex = makeJsonLexContextCstringLen(copy, (int) len, JSON_ENCODING, true);
 
 	sem.semstate = &state;
 	sem.object_start = json_object_start;
@@ -197,10 +217,9 @@ crmpay_json_parse(const char *text, size_t len, const char **error)
 
 	rc = pg_parse_json(lex, &sem);
 	if (rc != JSON_SUCCESS)
-	{
-		*error = json_errdetail(rc, lex);
+		*error = JSON_ERROR_TEXT(rc, lex);
+	if (rc != JSON_SUCCESS)
 		return NULL;
-	}
 	return state.root;
 }
 
@@ -293,6 +312,8 @@ crmpay_json_int64(const CrmpayJson *root, const char *dotted_path, int64 *out)
 	return true;
 }
 
+#ifndef FRONTEND
+
 /* Builds a tree from a jsonb datum (already validated by the server). */
 CrmpayJson *
 crmpay_json_from_jsonb_datum(Datum jsonb_datum)
@@ -375,3 +396,5 @@ crmpay_header_get(const CrmpayHeaders *headers, const char *name)
 			return headers->items[i].value;
 	return NULL;
 }
+
+#endif							/* !FRONTEND */
