@@ -11,6 +11,7 @@ packages=(
   libssl-dev                   # OpenSSL libcrypto for AES-GCM, HMAC, RSA
   openssl                      # CLI: the tests make a throwaway CA with it
   gcc clang make               # both compilers must build warning-free
+  libclang-rt-14-dev           # libFuzzer and sanitizer runtimes (make fuzz, corpus replay)
   python3-pytest python3-psycopg python3-aiosmtpd   # integration tests (Debian's /usr/bin/python3)
   ca-certificates
 )
