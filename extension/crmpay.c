@@ -18,6 +18,7 @@
 #include "miscadmin.h"
 #include "utils/guc.h"
 
+#include "reports.h"
 #include "worker.h"
 
 PG_MODULE_MAGIC;
@@ -103,11 +104,15 @@ _PG_init(void)
 							NULL, NULL, NULL);
 
 	crmpay_worker_define_gucs();
+	crmpay_reconcile_define_gucs();
 
 	MarkGUCPrefixReserved("crmpay");
 
 	if (process_shared_preload_libraries_in_progress && !IsBinaryUpgrade)
+	{
 		crmpay_worker_register();
+		crmpay_reconcile_shmem_request();
+	}
 }
 
 /* Converts a timestamptz to whole Unix seconds (floor). */

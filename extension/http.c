@@ -35,8 +35,13 @@
 /* libcurl 7.85 brought CURLOPT_PROTOCOLS_STR; Debian 12 ships 7.88. */
 _Static_assert(LIBCURL_VERSION_NUM >= 0x075500, "crmpay needs libcurl 7.85 or newer");
 
-/* Responses larger than this are refused: no gateway answer comes near it. */
+/*
+ * Responses larger than this are refused: no API answer comes near it.
+ * Report downloads ask for more (max_response_bytes), up to the largest
+ * text value.
+ */
 #define MAX_RESPONSE_BYTES (8 * 1024 * 1024)
+#define MAX_REPORT_BYTES ((size_t) 1024 * 1024 * 1024 - 1024)
 
 /* A growable malloc'd buffer filled from curl callbacks. */
 typedef struct CurlSink
@@ -45,6 +50,7 @@ typedef struct CurlSink
 	size_t		len;
 	size_t		cap;
 	bool		too_large;
+	size_t		max_len;
 	int			retry_after;
 	char		request_id[128];
 } CurlSink;
@@ -87,7 +93,7 @@ sink_write(char *ptr, size_t size, size_t nmemb, void *userdata)
 	CurlSink   *sink = userdata;
 	size_t		n = size * nmemb;
 
-	if (sink->len + n > MAX_RESPONSE_BYTES)
+	if (sink->len + n > sink->max_len)
 	{
 		sink->too_large = true;
 		return 0;				/* makes curl stop with CURLE_WRITE_ERROR */
@@ -263,6 +269,8 @@ crmpay_http_perform(const CrmpayHttpRequest *request, CrmpayHttpResponse *respon
 	memset(response, 0, sizeof(*response));
 	response->retry_after = -1;
 	sink.retry_after = -1;
+	sink.max_len = request->max_response_bytes > 0
+		? Min(request->max_response_bytes, MAX_REPORT_BYTES) : MAX_RESPONSE_BYTES;
 	errbuf[0] = '\0';
 
 	foreach(lc, request->headers)

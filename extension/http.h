@@ -28,6 +28,7 @@ typedef struct CrmpayHttpRequest
 	List	   *headers;		/* of char * "Name: value" */
 	const char *body;			/* NULL for none */
 	size_t		body_len;
+	size_t		max_response_bytes; /* 0: the default limit (8 MB) */
 } CrmpayHttpRequest;
 
 typedef struct CrmpayHttpResponse

@@ -523,6 +523,21 @@ crmpay_new_event(void)
 	return event;
 }
 
+/* A gateway record with every amount unknown (see provider.h). */
+CrmpayGatewayRecord *
+crmpay_new_record(const char *record_type)
+{
+	CrmpayGatewayRecord *rec = palloc0(sizeof(CrmpayGatewayRecord));
+
+	rec->record_type = record_type;
+	rec->amount_minor = CRMPAY_NO_AMOUNT;
+	rec->refunded_minor = CRMPAY_NO_AMOUNT;
+	rec->fin_amount_minor = CRMPAY_NO_AMOUNT;
+	rec->fee_minor = CRMPAY_NO_AMOUNT;
+	rec->net_minor = CRMPAY_NO_AMOUNT;
+	return rec;
+}
+
 char *
 crmpay_pstrdup_or_null(const char *s)
 {

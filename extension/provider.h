@@ -97,6 +97,78 @@ typedef struct CrmpayVerifyResult
 	const char *reason;			/* why not valid (never contains secrets) */
 } CrmpayVerifyResult;
 
+/* ----------------------------------------------------------------
+ * Reconciliation (reconcile.c): what the gateway says it took.
+ * ----------------------------------------------------------------
+ */
+
+/*
+ * One gateway record, normalised.  record_type says what it proves:
+ *	 "link"		a payment link / checkout session / order and its state
+ *	 "charge"	an attempt to take money (status paid, processing, failed,
+ *				canceled, open); one per gateway payment
+ *	 "refund"	one refund of amount_minor (positive)
+ *	 "chargeback" a dispute or chargeback of amount_minor
+ *	 "balance"	money movement only (fees and net of a charge), no state
+ *	 "other"	fees, payouts, corrections: count in the totals only
+ * match_key is the value of the payments column the account matches on
+ * (order_ref for most gateways, gateway_ref for Redsys); NULL when the
+ * record is about no order (fees, payouts, foreign charges).  Amounts are
+ * ISO 4217 minor units, CRMPAY_NO_AMOUNT when unknown.  fin_* is the
+ * bookkeeping view in the settlement currency (signed: refunds and fees
+ * booked against the merchant are negative gross); fin_currency NULL
+ * means the record has none.
+ */
+#define CRMPAY_NO_AMOUNT PG_INT64_MIN
+
+typedef struct CrmpayGatewayRecord
+{
+	const char *record_type;
+	char	   *record_ref;		/* the gateway's id of this record */
+	char	   *match_key;
+	char	   *order_ref;
+	char	   *gateway_ref;
+	char	   *gateway_payment_ref;
+	const char *status;			/* crmpay status it proves, or NULL */
+	char	   *gateway_status; /* the gateway's own words */
+	int64		amount_minor;
+	char	   *currency;		/* upper-case ISO 4217 */
+	int64		refunded_minor; /* cumulative refunds of a charge */
+	char	   *fin_currency;
+	int64		fin_amount_minor;	/* gross booked */
+	int64		fee_minor;
+	int64		net_minor;
+	TimestampTz occurred_at;	/* gateway's creation time; 0 unknown */
+	int			line_no;		/* report line (imports), 0 otherwise */
+} CrmpayGatewayRecord;
+
+/*
+ * Where a listing is.  The driver keeps it between pages (across
+ * transactions for the worker) as JSON in the run row; stream and cursor
+ * belong to the provider (e.g. Stripe: which list, and starting_after).
+ */
+typedef struct CrmpayFetchState
+{
+	TimestampTz since;			/* list records created in [since, until] */
+	TimestampTz until;
+	int			page_size;		/* records per page the driver asks for */
+	int			stream;			/* provider's: which list, from 0 */
+	char	   *cursor;			/* provider's: position in it; NULL = start */
+	bool		done;			/* set when every list is exhausted */
+} CrmpayFetchState;
+
+/* One CRM payment whose state the driver asks the gateway about. */
+typedef struct CrmpayOrderQuery
+{
+	int64		payment_id;
+	const char *order_ref;
+	const char *gateway_ref;	/* link id, or Redsys Ds_Order */
+	const char *gateway_payment_ref;
+	int64		amount_minor;
+	const char *currency;
+	const char *status;			/* CRM status now */
+} CrmpayOrderQuery;
+
 typedef struct CrmpayProvider
 {
 	const char *name;
@@ -131,6 +203,40 @@ typedef struct CrmpayProvider
 	List	   *(*parse_webhook) (const CrmpayHeaders *headers,
 								  const char *body, size_t body_len,
 								  const char **reason);
+
+	/*
+	 * Reconciliation, listing mode (Stripe, PayPal): build the request for
+	 * the next page of records created in [state->since, state->until];
+	 * read a 2xx answer into records (List of CrmpayGatewayRecord *) and
+	 * advance *state (next stream/cursor, done).  false + *failure if the
+	 * answer is unreadable.  parse must not touch the database: the worker
+	 * calls it outside any transaction.
+	 */
+	void		(*build_list_records) (const struct CrmpayAccount *account,
+									   const CrmpayFetchState *state,
+									   CrmpayHttpRequest *out);
+	bool		(*parse_list_records) (const struct CrmpayAccount *account,
+									   const CrmpayHttpResponse *response,
+									   CrmpayFetchState *state,
+									   List **records,
+									   CrmpayGatewayFailure *failure);
+
+	/*
+	 * Reconciliation, per-order mode (Redsys): ask for one order's state;
+	 * the driver calls it for every payment of the window that is still
+	 * pending in the CRM or that no other source reported.  build returns
+	 * false when there is nothing to ask for this order (no gateway
+	 * reference yet).  A 404, or a 2xx answer for an order the gateway does
+	 * not know, gives no records.
+	 */
+	bool		(*build_query_order) (const struct CrmpayAccount *account,
+									  const CrmpayOrderQuery *order,
+									  CrmpayHttpRequest *out);
+	bool		(*parse_query_order) (const struct CrmpayAccount *account,
+									  const CrmpayOrderQuery *order,
+									  const CrmpayHttpResponse *response,
+									  List **records,
+									  CrmpayGatewayFailure *failure);
 } CrmpayProvider;
 
 extern const CrmpayProvider *crmpay_find_provider(const char *name,
@@ -153,6 +259,7 @@ extern const char *crmpay_failure_kind_name(CrmpayFailureKind kind);
 
 /* Helpers for provider files */
 extern CrmpayWebhookEvent *crmpay_new_event(void);
+extern CrmpayGatewayRecord *crmpay_new_record(const char *record_type);
 extern char *crmpay_pstrdup_or_null(const char *s);
 extern char *crmpay_header_line(const char *name, const char *value);
 

@@ -418,6 +418,327 @@ stripe_parse_webhook(const CrmpayHeaders *headers, const char *body,
 	return list_make1(event);
 }
 
+/* ----------------------------------------------------------------
+ * Reconciliation: list endpoints and one session at a time
+ *
+ *	Lists (newest first, "created[gte]/[lte]", "limit", "starting_after" the
+ *	last id of the page, until "has_more" is false), one after the other:
+ *	  0  /v1/checkout/sessions			the links and their state
+ *	  1  /v1/payment_intents, expand data.latest_charge
+ *										the charges (refunds, disputes)
+ *	  2  /v1/balance_transactions, expand data.source.payment_intent
+ *										amounts, fees and net; refunds
+ * ----------------------------------------------------------------
+ */
+#define STRIPE_STREAMS 3
+
+static const char *const stripe_list_paths[STRIPE_STREAMS] = {
+	"/v1/checkout/sessions", "/v1/payment_intents", "/v1/balance_transactions"
+};
+static const char *const stripe_list_expand[STRIPE_STREAMS] = {
+	NULL, "data.latest_charge", "data.source.payment_intent"
+};
+
+static const char *
+stripe_key(const CrmpayAccount *account)
+{
+	const char *key = crmpay_json_str(account->credentials, "secret_key");
+
+	if (key == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("account \"%s\" has no Stripe secret_key", account->name)));
+	return key;
+}
+
+static void
+stripe_build_list_records(const CrmpayAccount *account, const CrmpayFetchState *state,
+						  CrmpayHttpRequest *out)
+{
+	StringInfoData url;
+	int64		since = crmpay_timestamptz_to_unix(state->since);
+	int64		until = crmpay_timestamptz_to_unix(state->until);
+
+	initStringInfo(&url);
+	appendStringInfo(&url, "%s%s?limit=%d&created%%5Bgte%%5D=" INT64_FORMAT "&created%%5Blte%%5D=" INT64_FORMAT,
+					 account->api_base, stripe_list_paths[state->stream],
+					 Min(Max(state->page_size, 1), 100), since, until);
+	if (stripe_list_expand[state->stream])
+	{
+		appendStringInfoString(&url, "&expand%5B%5D=");
+		crmpay_url_append_escaped(&url, stripe_list_expand[state->stream]);
+	}
+	if (state->cursor)
+	{
+		appendStringInfoString(&url, "&starting_after=");
+		crmpay_url_append_escaped(&url, state->cursor);
+	}
+	out->method = "GET";
+	out->url = url.data;
+	out->headers = list_make1(crmpay_header_line("Authorization", psprintf("Bearer %s", stripe_key(account))));
+}
+
+static TimestampTz
+stripe_time(const CrmpayJson *object)
+{
+	int64		created;
+
+	if (!crmpay_json_int64(object, "created", &created))
+		return 0;
+	return time_t_to_timestamptz((pg_time_t) created);
+}
+
+static char *
+stripe_upper(const char *s)
+{
+	return s ? asc_toupper(s, strlen(s)) : NULL;
+}
+
+static int64
+stripe_amount(const CrmpayJson *object, const char *field)
+{
+	int64		v;
+
+	return crmpay_json_int64(object, field, &v) ? v : CRMPAY_NO_AMOUNT;
+}
+
+/* The order a Stripe object is for; otherwise a key of its own (a charge
+ * crmpay did not ask for still has to be reported). */
+static void
+stripe_set_key(CrmpayGatewayRecord *rec, const char *order_ref, const char *own_id)
+{
+	rec->order_ref = crmpay_pstrdup_or_null(order_ref);
+	if (order_ref)
+		rec->match_key = pstrdup(order_ref);
+	else if (own_id)
+		rec->match_key = psprintf("stripe:%s", own_id);
+}
+
+static CrmpayGatewayRecord *
+stripe_session_record(const CrmpayJson *session)
+{
+	CrmpayGatewayRecord *rec = crmpay_new_record("link");
+	const char *id = crmpay_json_str(session, "id");
+	const char *status = crmpay_json_str(session, "status");
+	const char *payment_status = crmpay_json_str(session, "payment_status");
+	const char *order = crmpay_json_str(session, "client_reference_id");
+
+	if (order == NULL)
+		order = crmpay_json_str(session, "metadata.crmpay_order_ref");
+	rec->record_ref = crmpay_pstrdup_or_null(id);
+	rec->gateway_ref = crmpay_pstrdup_or_null(id);
+	rec->gateway_payment_ref = crmpay_pstrdup_or_null(stripe_ref(session, "payment_intent"));
+	stripe_set_key(rec, order, NULL);
+	if (rec->match_key == NULL && rec->gateway_payment_ref)
+		rec->match_key = psprintf("stripe:%s", rec->gateway_payment_ref);
+	if (status && strcmp(status, "open") == 0)
+		rec->status = "open";
+	else if (status && strcmp(status, "expired") == 0)
+		rec->status = "expired";
+	else if (status && strcmp(status, "complete") == 0)
+		rec->status = (payment_status && strcmp(payment_status, "unpaid") == 0) ? "processing" : "paid";
+	rec->gateway_status = psprintf("%s/%s", status ? status : "?", payment_status ? payment_status : "?");
+	rec->amount_minor = stripe_amount(session, "amount_total");
+	rec->currency = stripe_upper(crmpay_json_str(session, "currency"));
+	rec->occurred_at = stripe_time(session);
+	return rec;
+}
+
+static CrmpayGatewayRecord *
+stripe_intent_record(const CrmpayJson *pi)
+{
+	CrmpayGatewayRecord *rec = crmpay_new_record("charge");
+	const char *id = crmpay_json_str(pi, "id");
+	const char *status = crmpay_json_str(pi, "status");
+	const CrmpayJson *charge = crmpay_json_member(pi, "latest_charge");
+
+	rec->record_ref = crmpay_pstrdup_or_null(id);
+	rec->gateway_payment_ref = crmpay_pstrdup_or_null(id);
+	stripe_set_key(rec, crmpay_json_str(pi, "metadata.crmpay_order_ref"), id);
+	rec->gateway_status = crmpay_pstrdup_or_null(status);
+	rec->currency = stripe_upper(crmpay_json_str(pi, "currency"));
+	rec->occurred_at = stripe_time(pi);
+	rec->amount_minor = stripe_amount(pi, "amount");
+	if (status == NULL)
+		rec->status = NULL;
+	else if (strcmp(status, "succeeded") == 0)
+	{
+		rec->status = "paid";
+		rec->amount_minor = stripe_amount(pi, "amount_received");
+		if (charge != NULL && charge->kind == CRMPAY_JSON_OBJECT)
+		{
+			const char *disputed = crmpay_json_str(charge, "disputed");
+
+			rec->refunded_minor = stripe_amount(charge, "amount_refunded");
+			if (disputed && strcmp(disputed, "true") == 0)
+				rec->status = "disputed";
+		}
+	}
+	else if (strcmp(status, "processing") == 0 || strcmp(status, "requires_capture") == 0)
+		rec->status = "processing";
+	else if (strcmp(status, "canceled") == 0)
+		rec->status = "canceled";
+	else if (strcmp(status, "requires_payment_method") == 0)
+	{
+		const CrmpayJson *err = crmpay_json_member(pi, "last_payment_error");
+
+		rec->status = (err && err->kind == CRMPAY_JSON_OBJECT) ? "failed" : "open";
+	}
+	else
+		rec->status = "open";
+	return rec;
+}
+
+static CrmpayGatewayRecord *
+stripe_balance_record(const CrmpayJson *txn)
+{
+	const char *type = crmpay_json_str(txn, "type");
+	const CrmpayJson *source = crmpay_json_member(txn, "source");
+	const CrmpayJson *pi = NULL;
+	const char *pi_id = NULL;
+	const char *order = NULL;
+	bool		is_charge = type && (strcmp(type, "charge") == 0 || strcmp(type, "payment") == 0);
+	bool		is_refund = type && (strcmp(type, "refund") == 0 || strcmp(type, "payment_refund") == 0);
+	CrmpayGatewayRecord *rec = crmpay_new_record(is_charge ? "balance" : is_refund ? "refund" : "other");
+
+	if (source && source->kind == CRMPAY_JSON_OBJECT && (is_charge || is_refund))
+	{
+		pi = crmpay_json_member(source, "payment_intent");
+		pi_id = stripe_ref(source, "payment_intent");
+		if (pi && pi->kind == CRMPAY_JSON_OBJECT)
+			order = crmpay_json_str(pi, "metadata.crmpay_order_ref");
+		if (order == NULL)
+			order = crmpay_json_str(source, "metadata.crmpay_order_ref");
+		rec->gateway_payment_ref = crmpay_pstrdup_or_null(pi_id);
+		stripe_set_key(rec, order, pi_id ? pi_id : crmpay_json_str(source, "id"));
+		if (is_refund)
+		{
+			rec->amount_minor = stripe_amount(source, "amount");
+			rec->currency = stripe_upper(crmpay_json_str(source, "currency"));
+		}
+	}
+	rec->record_ref = crmpay_pstrdup_or_null(crmpay_json_str(txn, "id"));
+	rec->gateway_status = crmpay_pstrdup_or_null(type);
+	rec->fin_currency = stripe_upper(crmpay_json_str(txn, "currency"));
+	rec->fin_amount_minor = stripe_amount(txn, "amount");
+	rec->fee_minor = stripe_amount(txn, "fee");
+	rec->net_minor = stripe_amount(txn, "net");
+	if (rec->fin_currency == NULL || rec->fin_amount_minor == CRMPAY_NO_AMOUNT)
+		rec->fin_currency = NULL;
+	rec->occurred_at = stripe_time(txn);
+	return rec;
+}
+
+/* Reads a list page: {"object": "list", "data": [...], "has_more": bool}. */
+static bool
+stripe_parse_list_records(const CrmpayAccount *account, const CrmpayHttpResponse *response,
+						  CrmpayFetchState *state, List **records, CrmpayGatewayFailure *failure)
+{
+	const char *error;
+	CrmpayJson *root = crmpay_json_parse(response->body, response->body_len, &error);
+	const CrmpayJson *data;
+	const char *has_more;
+	const char *last_id = NULL;
+	int			i;
+
+	*records = NIL;
+	data = root ? crmpay_json_member(root, "data") : NULL;
+	has_more = root ? crmpay_json_str(root, "has_more") : NULL;
+	if (root == NULL || data == NULL || data->kind != CRMPAY_JSON_ARRAY || has_more == NULL)
+	{
+		failure->message = psprintf("Stripe answered HTTP %ld to %s without a list%s%s",
+									response->status, stripe_list_paths[state->stream],
+									error ? ": " : "", error ? error : "");
+		return false;
+	}
+	for (i = 0; i < data->count; i++)
+	{
+		const CrmpayJson *item = data->items[i];
+		CrmpayGatewayRecord *rec;
+
+		if (item->kind != CRMPAY_JSON_OBJECT || crmpay_json_str(item, "id") == NULL)
+		{
+			failure->message = psprintf("Stripe list %s has an item without an id",
+										stripe_list_paths[state->stream]);
+			return false;
+		}
+		last_id = crmpay_json_str(item, "id");
+		rec = state->stream == 0 ? stripe_session_record(item)
+			: state->stream == 1 ? stripe_intent_record(item)
+			: stripe_balance_record(item);
+		*records = lappend(*records, rec);
+	}
+	if (strcmp(has_more, "true") == 0)
+	{
+		if (last_id == NULL)
+		{
+			failure->message = psprintf("Stripe list %s says has_more with no items",
+										stripe_list_paths[state->stream]);
+			return false;
+		}
+		state->cursor = pstrdup(last_id);
+	}
+	else
+	{
+		state->cursor = NULL;
+		state->stream++;
+		state->done = (state->stream >= STRIPE_STREAMS);
+	}
+	return true;
+}
+
+/* One session (with its PaymentIntent and charge) by the link's id. */
+static bool
+stripe_build_query_order(const CrmpayAccount *account, const CrmpayOrderQuery *order,
+						 CrmpayHttpRequest *out)
+{
+	StringInfoData url;
+
+	if (order->gateway_ref == NULL)
+		return false;
+	initStringInfo(&url);
+	appendStringInfo(&url, "%s/v1/checkout/sessions/", account->api_base);
+	crmpay_url_append_escaped(&url, order->gateway_ref);
+	appendStringInfoString(&url, "?expand%5B%5D=payment_intent.latest_charge");
+	out->method = "GET";
+	out->url = url.data;
+	out->headers = list_make1(crmpay_header_line("Authorization", psprintf("Bearer %s", stripe_key(account))));
+	return true;
+}
+
+static bool
+stripe_parse_query_order(const CrmpayAccount *account, const CrmpayOrderQuery *order,
+						 const CrmpayHttpResponse *response, List **records,
+						 CrmpayGatewayFailure *failure)
+{
+	const char *error;
+	CrmpayJson *session = crmpay_json_parse(response->body, response->body_len, &error);
+	const CrmpayJson *pi;
+
+	*records = NIL;
+	if (session == NULL || crmpay_json_str(session, "id") == NULL)
+	{
+		failure->message = psprintf("Stripe answered HTTP %ld without a checkout session%s%s",
+									response->status, error ? ": " : "", error ? error : "");
+		return false;
+	}
+	*records = lappend(*records, stripe_session_record(session));
+	pi = crmpay_json_member(session, "payment_intent");
+	if (pi && pi->kind == CRMPAY_JSON_OBJECT && crmpay_json_str(pi, "id"))
+	{
+		CrmpayGatewayRecord *rec = stripe_intent_record(pi);
+
+		/* the session's order wins: the PaymentIntent may carry no metadata */
+		if (rec->order_ref == NULL && ((CrmpayGatewayRecord *) linitial(*records))->order_ref)
+		{
+			rec->order_ref = pstrdup(((CrmpayGatewayRecord *) linitial(*records))->order_ref);
+			rec->match_key = pstrdup(rec->order_ref);
+		}
+		*records = lappend(*records, rec);
+	}
+	return true;
+}
+
 const CrmpayProvider crmpay_stripe_provider = {
 	.name = "stripe",
 	.default_api_base = "https://api.stripe.com",
@@ -429,4 +750,8 @@ const CrmpayProvider crmpay_stripe_provider = {
 	.parse_error = stripe_parse_error,
 	.verify_webhook = stripe_verify_webhook,
 	.parse_webhook = stripe_parse_webhook,
+	.build_list_records = stripe_build_list_records,
+	.parse_list_records = stripe_parse_list_records,
+	.build_query_order = stripe_build_query_order,
+	.parse_query_order = stripe_parse_query_order,
 };

@@ -1,0 +1,36 @@
+/*-------------------------------------------------------------------------
+ *
+ * reports.h
+ *	  Gateway report files (reports.c) and the reconciliation driver
+ *	  (reconcile.c).
+ *
+ *-------------------------------------------------------------------------
+ */
+#ifndef CRMPAY_REPORTS_H
+#define CRMPAY_REPORTS_H
+
+#include "provider.h"
+
+typedef struct CrmpayCurrencyTable CrmpayCurrencyTable;
+
+extern CrmpayCurrencyTable *crmpay_load_currencies(MemoryContext cxt);
+extern const char *crmpay_report_format(const char *format, const char *provider);
+extern int	crmpay_read_report(const char *format, const CrmpayAccount *account,
+							   const char *content, size_t len,
+							   CrmpayCurrencyTable *currencies,
+							   void (*emit) (CrmpayGatewayRecord *record, void *arg),
+							   void (*flush) (void *arg), void *arg, int batch_lines);
+
+/* reconcile.c */
+extern void crmpay_reconcile_define_gucs(void);
+extern void crmpay_reconcile_shmem_request(void);
+
+/*
+ * For the background worker: runs every due reconciliation schedule step
+ * by step, committing between gateway calls.  Call it from a worker
+ * connected to the database, outside any transaction; it starts and
+ * commits its own.  Returns the number of runs done.
+ */
+extern int	crmpay_reconcile_run_due_in_worker(void);
+
+#endif							/* CRMPAY_REPORTS_H */
