@@ -1705,23 +1705,29 @@ crmpay_reconcile_run_due_in_worker(void)
 			break;
 		worker_begin();
 		run_id = run_in_steps(&host, due.account, due.since, due.until, due.heal, due.id, &start_error);
-		if (start_error)
-			ereport(WARNING,
-					(errmsg("scheduled reconciliation of account \"%s\" did not start: %s",
-							due.account, start_error->message)));
-		else
 		{
 			static SPIPlanPtr plan = NULL;
-			Oid			types[2] = {INT8OID, INT8OID};
-			Datum		values[2] = {Int64GetDatum(due.id), Int64GetDatum(run_id)};
+			Oid			types[3] = {INT8OID, INT8OID, TEXTOID};
+			Datum		values[3];
+			char		nulls[3] = {' ', ' ', ' '};
 
+			values[0] = Int64GetDatum(due.id);
+			values[1] = Int64GetDatum(run_id);
+			nulls[1] = start_error ? 'n' : ' ';
+			values[2] = text_datum_or_null(start_error ? start_error->message : NULL, &nulls[2]);
+			if (start_error)
+				ereport(WARNING,
+						(errmsg("scheduled reconciliation of account \"%s\" did not start: %s",
+								due.account, start_error->message)));
+			else
+				done++;
 			if (SPI_execute_plan(prepare_saved(&plan,
-											   "UPDATE crmpay.reconciliation_schedules SET last_run_id = $2"
+											   "UPDATE crmpay.reconciliation_schedules"
+											   "   SET last_run_id = coalesce($2, last_run_id), last_error = $3"
 											   " WHERE id = $1",
-											   2, types),
-								 values, NULL, false, 0) != SPI_OK_UPDATE)
+											   3, types),
+								 values, nulls, false, 0) != SPI_OK_UPDATE)
 				elog(ERROR, "crmpay: recording the schedule's run failed");
-			done++;
 		}
 		worker_commit();
 		MemoryContextReset(cxt);

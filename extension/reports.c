@@ -330,7 +330,7 @@ read_header(CrmpayCsvReader *reader, const char *format, const ReportColumn *def
 					(errcode(ERRCODE_BAD_COPY_FILE_FORMAT),
 					 errmsg("line %d of the %s report: required column \"%s\" is missing",
 							line, format, defs[i].name),
-					 errhint("Is this a %s file? Its header line must name the columns.", format)));
+					 errhint("Is this file in the %s format? Its first line must name the columns.", format)));
 }
 
 /*
@@ -393,16 +393,19 @@ value(const Layout *layout, const Line *line, int id)
 }
 
 static void bad_value(const char *format, const Line *line, const char *column,
-					  const char *value, const char *what, int sqlstate) pg_attribute_noreturn();
+					  const char *value, const char *what, const char *expected,
+					  int sqlstate) pg_attribute_noreturn();
 
+/* "line N of the X report: invalid date "..." in column "..."" */
 static void
 bad_value(const char *format, const Line *line, const char *column,
-		  const char *value, const char *what, int sqlstate)
+		  const char *value, const char *what, const char *expected, int sqlstate)
 {
 	ereport(ERROR,
 			(errcode(sqlstate),
-			 errmsg("line %d of the %s report: %s \"%s\" in column \"%s\"",
-					line->line_no, format, what, value, column)));
+			 errmsg("line %d of the %s report: invalid %s \"%s\" in column \"%s\"",
+					line->line_no, format, what, value, column),
+			 expected ? errdetail("Expected %s.", expected) : 0));
 }
 
 /* A currency code that must be in crmpay.currencies. */
@@ -464,26 +467,21 @@ amount_value(const char *format, const Line *line, const char *column,
 	return v;
 }
 
-/* y, m, d, H, M, S to a timestamptz in zone tz; false if out of range. */
+/* Fills *tm if y-m-d H:M:S is a real date and time. */
 static bool
-local_timestamp(int y, int mo, int d, int h, int mi, int s, pg_tz *tz,
-			   TimestampTz *out)
+valid_tm(int y, int mo, int d, int h, int mi, int s, struct pg_tm *tm)
 {
-	struct pg_tm tm;
-	int			tzoff;
-
-	memset(&tm, 0, sizeof(tm));
-	tm.tm_year = y;
-	tm.tm_mon = mo;
-	tm.tm_mday = d;
-	tm.tm_hour = h;
-	tm.tm_min = mi;
-	tm.tm_sec = s;
+	memset(tm, 0, sizeof(*tm));
 	if (y < 1970 || y > 9999 || mo < 1 || mo > 12 || d < 1 ||
 		d > day_tab[isleap(y)][mo - 1] || h > 23 || mi > 59 || s > 59)
 		return false;
-	tzoff = DetermineTimeZoneOffset(&tm, tz);
-	return tm2timestamp(&tm, 0, &tzoff, out) == 0;
+	tm->tm_year = y;
+	tm->tm_mon = mo;
+	tm->tm_mday = d;
+	tm->tm_hour = h;
+	tm->tm_min = mi;
+	tm->tm_sec = s;
+	return true;
 }
 
 /* Reads exactly n digits at *p. */
@@ -587,20 +585,13 @@ static const struct
 	{"PaidOutReversed", AK_TRANSFER},
 };
 
-/* Creation Date "YYYY-MM-DD HH:MM:SS" in the zone named by TimeZone. */
+/*
+ * Creation Date "YYYY-MM-DD HH:MM:SS" in the zone of the TimeZone column: a
+ * time zone abbreviation (CET, CEST, BST, UTC...) or a full zone name.
+ */
 static TimestampTz
 adyen_time(const char *format, const Line *line, const char *date, const char *zone)
 {
-	char		buf[MAXDATELEN + 1];
-	char	   *field[MAXDATEFIELDS];
-	int			ftype[MAXDATEFIELDS];
-	char		workbuf[MAXDATELEN + MAXDATEFIELDS];
-	int			nf;
-	int			dtype;
-	struct pg_tm tm;
-	fsec_t		fsec;
-	int			tz;
-	TimestampTz result;
 	const char *p = date;
 	int			y,
 				mo,
@@ -608,20 +599,42 @@ adyen_time(const char *format, const Line *line, const char *date, const char *z
 				h,
 				mi,
 				s;
+	struct pg_tm tm;
+	char		lower[64];
+	int			offset;
+	pg_tz	   *tz = NULL;
+	int			type;
+	int			tzoff;
+	int			i;
+	TimestampTz result;
 
-	/* the shape first, so DecodeDateTime's lenience does not hide errors */
 	if (!(digits(&p, 4, &y) && *p++ == '-' && digits(&p, 2, &mo) && *p++ == '-' &&
 		  digits(&p, 2, &d) && *p++ == ' ' && digits(&p, 2, &h) && *p++ == ':' &&
-		  digits(&p, 2, &mi) && *p++ == ':' && digits(&p, 2, &s) && *p == '\0'))
-		bad_value(format, line, "Creation Date", date,
-				  "date (expected YYYY-MM-DD HH:MM:SS)", ERRCODE_INVALID_DATETIME_FORMAT);
-	if (zone[0] == '\0' || strlen(zone) > 40 || strpbrk(zone, " ,;") != NULL)
-		bad_value(format, line, "TimeZone", zone, "time zone", ERRCODE_INVALID_DATETIME_FORMAT);
-	snprintf(buf, sizeof(buf), "%s %s", date, zone);
-	if (ParseDateTime(buf, workbuf, sizeof(workbuf), field, ftype, MAXDATEFIELDS, &nf) != 0 ||
-		DecodeDateTime(field, ftype, nf, &dtype, &tm, &fsec, &tz) != 0 ||
-		dtype != DTK_DATE || tm2timestamp(&tm, fsec, &tz, &result) != 0)
-		bad_value(format, line, "TimeZone", zone, "date or time zone", ERRCODE_INVALID_DATETIME_FORMAT);
+		  digits(&p, 2, &mi) && *p++ == ':' && digits(&p, 2, &s) && *p == '\0') ||
+		!valid_tm(y, mo, d, h, mi, s, &tm))
+		bad_value(format, line, "Creation Date", date, "date", "YYYY-MM-DD HH:MM:SS",
+				  ERRCODE_INVALID_DATETIME_FORMAT);
+	if (zone[0] == '\0' || strlen(zone) >= sizeof(lower))
+		bad_value(format, line, "TimeZone", zone, "time zone", "an abbreviation such as CET or a zone name",
+				  ERRCODE_INVALID_DATETIME_FORMAT);
+	for (i = 0; zone[i]; i++)
+		lower[i] = pg_ascii_tolower((unsigned char) zone[i]);
+	lower[i] = '\0';
+	type = DecodeTimezoneAbbrev(0, lower, &offset, &tz);
+	if (type == TZ || type == DTZ)
+		tzoff = -offset;
+	else if (type == DYNTZ)
+		tzoff = DetermineTimeZoneAbbrevOffset(&tm, zone, tz);
+	else
+	{
+		tz = strchr(zone, '/') ? pg_tzset(zone) : NULL;
+		if (tz == NULL)
+			bad_value(format, line, "TimeZone", zone, "time zone", "an abbreviation such as CET or a zone name",
+					  ERRCODE_INVALID_DATETIME_FORMAT);
+		tzoff = DetermineTimeZoneOffset(&tm, tz);
+	}
+	if (tm2timestamp(&tm, 0, &tzoff, &result) != 0)
+		bad_value(format, line, "Creation Date", date, "date", NULL, ERRCODE_DATETIME_VALUE_OUT_OF_RANGE);
 	return result;
 }
 
@@ -800,25 +813,33 @@ redsys_time(const char *format, const Line *line, const char *date, const char *
 				h = 0,
 				mi = 0,
 				s = 0;
+	struct pg_tm tm;
+	int			tzoff;
 	TimestampTz result;
 	const char *t;
+	const char *column = "Hora";
 
-	if (!(digits(&p, 2, &d) && *p++ == '/' && digits(&p, 2, &mo) && *p++ == '/' && digits(&p, 4, &y)))
-		bad_value(format, line, "Fecha", date, "date (expected dd/mm/yyyy)", ERRCODE_INVALID_DATETIME_FORMAT);
-	t = *p == ' ' ? p + 1 : (*p == '\0' ? time : NULL);
-	if (t == NULL)
-		bad_value(format, line, "Fecha", date, "date (expected dd/mm/yyyy)", ERRCODE_INVALID_DATETIME_FORMAT);
+	if (!(digits(&p, 2, &d) && *p++ == '/' && digits(&p, 2, &mo) && *p++ == '/' && digits(&p, 4, &y)) ||
+		(*p != '\0' && *p != ' ') || !valid_tm(y, mo, d, 0, 0, 0, &tm))
+		bad_value(format, line, "Fecha", date, "date", "dd/mm/yyyy", ERRCODE_INVALID_DATETIME_FORMAT);
+	t = time;
+	if (*p == ' ')
+	{
+		t = p + 1;
+		column = "Fecha";
+	}
 	if (t[0] != '\0')
 	{
 		const char *q = t;
 
 		if (!(digits(&q, 2, &h) && *q++ == ':' && digits(&q, 2, &mi) &&
-			  (*q == '\0' || (*q++ == ':' && digits(&q, 2, &s) && *q == '\0'))))
-			bad_value(format, line, t == time ? "Hora" : "Fecha", t, "time (expected HH:MM:SS)",
-					  ERRCODE_INVALID_DATETIME_FORMAT);
+			  (*q == '\0' || (*q++ == ':' && digits(&q, 2, &s) && *q == '\0'))) ||
+			!valid_tm(y, mo, d, h, mi, s, &tm))
+			bad_value(format, line, column, t, "time", "HH:MM:SS", ERRCODE_INVALID_DATETIME_FORMAT);
 	}
-	if (!local_timestamp(y, mo, d, h, mi, s, tz, &result))
-		bad_value(format, line, "Fecha", date, "date", ERRCODE_DATETIME_VALUE_OUT_OF_RANGE);
+	tzoff = DetermineTimeZoneOffset(&tm, tz);
+	if (tm2timestamp(&tm, 0, &tzoff, &result) != 0)
+		bad_value(format, line, "Fecha", date, "date", NULL, ERRCODE_DATETIME_VALUE_OUT_OF_RANGE);
 	return result;
 }
 
@@ -892,7 +913,8 @@ redsys_line(const Layout *layout, const Line *line, CrmpayCurrencyTable *currenc
 	cur = currency_value(currencies, format, line, "Moneda", moneda[0] ? moneda : "EUR");
 	amount = amount_value(format, line, "Importe", value(layout, line, R_IMPORTE), cur, true);
 	if (amount == CRMPAY_NO_AMOUNT || amount < 0)
-		bad_value(format, line, "Importe", value(layout, line, R_IMPORTE), "amount", ERRCODE_INVALID_TEXT_REPRESENTATION);
+		bad_value(format, line, "Importe", value(layout, line, R_IMPORTE), "amount",
+				  "a positive amount", ERRCODE_INVALID_TEXT_REPRESENTATION);
 
 	rec->line_no = line->line_no;
 	rec->occurred_at = redsys_time(format, line, value(layout, line, R_FECHA), value(layout, line, R_HORA), tz);
@@ -972,7 +994,7 @@ crmpay_report_format(const char *format, const char *provider)
 			if (strcmp(formats[i].provider, provider) != 0)
 				ereport(ERROR,
 						(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-						 errmsg("a %s report cannot be imported into a %s account",
+						 errmsg("a %s report cannot be imported into an account of provider %s",
 								formats[i].name, provider)));
 			return formats[i].name;
 		}

@@ -153,6 +153,7 @@ CREATE TABLE crmpay.reconciliation_schedules (
     next_run_at   timestamptz NOT NULL,
     last_run_id   bigint,
     last_run_at   timestamptz,
+    last_error    text,
     created_at    timestamptz NOT NULL DEFAULT now()
 );
 COMMENT ON TABLE crmpay.reconciliation_schedules IS
@@ -352,10 +353,11 @@ BEGIN
 
     IF v_money_g AND NOT v_money_crm THEN
         RETURN QUERY SELECT 'status_mismatch', CASE WHEN v_ok THEN 'paid' END, v_status, v_amount, v_currency,
-            format('The gateway took the money for order %s (%s) but the CRM has it %s: a lost webhook.',
-                   p.order_ref, coalesce(nullif(v_refs, ''), k.gateway_ref, k.match_key), p.status),
+            format('The gateway took the money for order %s (%s) but the CRM has it %s: a lost webhook.%s',
+                   p.order_ref, coalesce(nullif(v_refs, ''), k.gateway_ref, k.match_key), p.status,
+                   CASE WHEN NOT v_ok THEN ' Not healed automatically: the amount or currency differs.' ELSE '' END),
             v_ev || jsonb_strip_nulls(jsonb_build_object('heal_gateway_payment_ref',
-                                                         coalesce(k.paid_first_ref, k.gateway_payment_ref),
+                                                         coalesce(k.gateway_payment_ref, k.paid_first_ref),
                                                          'heal_at', k.paid_at));
         IF k.refunded_minor > p.refunded_minor THEN
             RETURN QUERY SELECT 'refunded_at_gateway', CASE WHEN v_ok THEN 'refund' END, v_status, v_amount, v_currency,
@@ -521,7 +523,7 @@ BEGIN
             (run_id, kind, payment_id, order_ref, gateway_ref, crm_amount_minor, gateway_amount_minor,
              crm_currency, gateway_currency, crm_status, gateway_status, detail, evidence, heal_action)
         SELECT $1, d.kind, (m.pay).id, coalesce((m.pay).order_ref, (m.k).order_ref),
-               coalesce((m.k).gateway_payment_ref, (m.k).paid_first_ref, (m.k).gateway_ref, (m.pay).gateway_ref),
+               coalesce((m.k).gateway_payment_ref, (m.k).gateway_ref, (m.k).paid_first_ref, (m.pay).gateway_ref),
                (m.pay).amount_minor, d.gateway_amount_minor, (m.pay).currency, d.gateway_currency,
                (m.pay).status, d.gateway_status, d.detail, d.evidence,
                CASE WHEN $7 THEN d.heal_action END
@@ -973,6 +975,7 @@ DECLARE
     v_until timestamptz;
     v_run bigint;
     v_next timestamptz;
+    v_error text;
 BEGIN
     FOR s IN
         SELECT * FROM crmpay.reconciliation_schedules q
@@ -981,12 +984,15 @@ BEGIN
          FOR UPDATE SKIP LOCKED
     LOOP
         v_until := date_trunc('second', clock_timestamp()) - s.lag;
+        v_error := NULL;
         BEGIN
             v_run := crmpay._reconcile_sync(s.account, v_until - s.window_length, v_until, s.heal, s.id);
-        EXCEPTION WHEN object_in_use THEN
-            -- another run of the account is going: try again next time
-            RAISE WARNING '%', SQLERRM;
+        EXCEPTION WHEN OTHERS THEN
+            -- it could not even start (another run of the account is going,
+            -- no report covers the window...): say so, try again next time
+            v_error := SQLERRM;
             v_run := NULL;
+            RAISE WARNING 'scheduled reconciliation of account "%" did not start: %', s.account, v_error;
         END;
         v_next := s.next_run_at;
         IF s.every < interval '1 day' AND date_part('month', s.every) = 0 AND date_part('day', s.every) = 0 THEN
@@ -998,7 +1004,7 @@ BEGIN
         END LOOP;
         UPDATE crmpay.reconciliation_schedules q
            SET next_run_at = v_next, last_run_id = coalesce(v_run, q.last_run_id),
-               last_run_at = CASE WHEN v_run IS NOT NULL THEN clock_timestamp() ELSE q.last_run_at END
+               last_run_at = clock_timestamp(), last_error = v_error
          WHERE q.id = s.id;
         IF v_run IS NOT NULL THEN
             RETURN NEXT v_run;
@@ -1096,5 +1102,7 @@ GRANT EXECUTE ON FUNCTION
     crmpay.run_due_reconciliations(),
     crmpay.prune_reconciliations(interval)
     TO crmpay_admin;
+-- (99_privileges revokes ALL FUNCTIONS, which leaves procedures alone)
+REVOKE ALL ON PROCEDURE crmpay.reconcile_in_steps(text, timestamptz, timestamptz, boolean, bigint) FROM PUBLIC;
 GRANT EXECUTE ON PROCEDURE crmpay.reconcile_in_steps(text, timestamptz, timestamptz, boolean, bigint)
     TO crmpay_admin;
