@@ -627,7 +627,13 @@ driver_prepare(const RunInfo *run, const CrmpayAccount *account, DriverState *st
 				st->phase = PHASE_DONE;
 				continue;
 			}
-			provider->build_query_order(account, req->order, &req->http);
+			if (!provider->build_query_order(account, req->order, &req->http))
+			{
+				/* nothing to ask about this one (no gateway reference yet) */
+				st->after_payment = req->order->payment_id;
+				memset(&req->http, 0, sizeof(req->http));
+				continue;
+			}
 			req->what = psprintf("page %d (order %s)", st->pages + 1, req->order->order_ref);
 			return true;
 		}
@@ -667,6 +673,17 @@ driver_absorb(const RunInfo *run, const CrmpayAccount *account, DriverState *st,
 	int			i = 0;
 
 	crmpay_classify_http_failure(account, response, failure);
+	if (st->phase == PHASE_ORDERS && response->transport == CRMPAY_TRANSPORT_OK &&
+		response->status == 404)
+	{
+		/* the gateway does not know this order: no records */
+		memset(failure, 0, sizeof(*failure));
+		st->after_payment = req->order->payment_id;
+		st->pages++;
+		local_progress.pages = st->pages;
+		progress_publish(false);
+		return true;
+	}
 	if (failure->kind != CRMPAY_FAIL_NONE)
 		return false;
 	if (st->phase == PHASE_LIST)
