@@ -289,18 +289,26 @@ apply_event(const char *account, const CrmpayWebhookEvent *event, const char **r
 
 	/*
 	 * A gateway that reports each refund on its own (refund_minor): the
-	 * refunded total is what the payment had plus this refund.  The event
-	 * key keeps a refund from being counted twice.
+	 * refunded total is what the payment had plus this refund, and only a
+	 * paid or partially refunded payment takes it.  Such a refund counts as
+	 * applied even when the status stays partially_refunded, so the event
+	 * key keeps a replay from counting it twice.
 	 */
 	if (event->refund_minor >= 0)
 	{
+		if (strcmp(status, "paid") != 0 && strcmp(status, "partially_refunded") != 0)
+		{
+			*reason = psprintf("payment is %s; only a paid payment can be refunded", status);
+			return "ignored";
+		}
 		refunded_minor = DatumGetInt64(SPI_getbinval(row, desc, 6, &isnull)) + event->refund_minor;
 		new_status = refunded_minor >= amount ? "refunded" : "partially_refunded";
 	}
 
 	if (crmpay_apply_status_locked(*payment_id, status, new_status,
 								   event->gateway_payment_ref, refunded_minor,
-								   GetCurrentTransactionStartTimestamp()))
+								   GetCurrentTransactionStartTimestamp()) ||
+		(event->refund_minor > 0 && strcmp(status, new_status) == 0))
 	{
 		*old_status = status;
 		*applied_status = new_status;

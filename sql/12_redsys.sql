@@ -251,12 +251,21 @@ SELECT * FROM pg_temp.deliver('rs', pg_temp.note(pg_temp.params(:'gateway_ref', 
 \x on
 SELECT * FROM pg_temp.form_error(:r1_id);
 \x off
--- refunds (type 3, 0900): partial, then the rest
-SELECT * FROM pg_temp.deliver('rs', pg_temp.note(pg_temp.params(:'gateway_ref', '0900', '450', '3', '', '11%3A00')));
+-- refunds (type 3, 0900) come one by one: partial, a replay, another
+-- partial (still partially_refunded, but counted once), then the rest
+SELECT * FROM pg_temp.deliver('rs', pg_temp.note(pg_temp.params(:'gateway_ref', '0900', '450', '3', '111111', '11%3A00')));
 SELECT status, refunded_minor FROM crmpay.payments WHERE id = :r1_id;
-SELECT * FROM pg_temp.deliver('rs', pg_temp.note(pg_temp.params(:'gateway_ref', '0900', '450', '3', '', '11%3A00')));
-SELECT * FROM pg_temp.deliver('rs', pg_temp.note(pg_temp.params(:'gateway_ref', '0900', '1000', '3', '', '12%3A00')));
+SELECT * FROM pg_temp.deliver('rs', pg_temp.note(pg_temp.params(:'gateway_ref', '0900', '450', '3', '111111', '11%3A00')));
+SELECT * FROM pg_temp.deliver('rs', pg_temp.note(pg_temp.params(:'gateway_ref', '0900', '300', '3', '222222', '11%3A30')));
+SELECT * FROM pg_temp.deliver('rs', pg_temp.note(pg_temp.params(:'gateway_ref', '0900', '300', '3', '222222', '11%3A30')));
 SELECT status, refunded_minor FROM crmpay.payments WHERE id = :r1_id;
+SELECT * FROM pg_temp.deliver('rs', pg_temp.note(pg_temp.params(:'gateway_ref', '0900', '700', '3', '333333', '12%3A00')));
+SELECT status, refunded_minor FROM crmpay.payments WHERE id = :r1_id;
+-- a refund denied by Redsys changes nothing; a refund of an unpaid payment is ignored
+SELECT * FROM pg_temp.deliver('rs', pg_temp.note(pg_temp.params(:'gateway_ref', '0190', '100', '3', '', '12%3A01')));
+SELECT gateway_ref AS open_ref FROM crmpay.payments WHERE order_ref = 'R-9' \gset
+SELECT * FROM pg_temp.deliver('rs', pg_temp.note(pg_temp.params(:'open_ref', '0900', '100', '3', '444444', '12%3A02')));
+SELECT status, refunded_minor FROM crmpay.payments WHERE order_ref = 'R-9';
 
 -- the money must match: another amount or currency is not applied
 SELECT gateway_ref AS usd_ref FROM crmpay.payments WHERE order_ref = 'R-USD' \gset
