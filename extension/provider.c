@@ -29,7 +29,6 @@
 static const CrmpayProvider paypal_placeholder = {.name = "paypal"};
 static const CrmpayProvider braintree_placeholder = {.name = "braintree"};
 static const CrmpayProvider adyen_placeholder = {.name = "adyen"};
-static const CrmpayProvider redsys_placeholder = {.name = "redsys"};
 
 /* The registry: one line per gateway. */
 static const CrmpayProvider *const providers[] = {
@@ -37,7 +36,7 @@ static const CrmpayProvider *const providers[] = {
 	&paypal_placeholder,
 	&braintree_placeholder,
 	&adyen_placeholder,
-	&redsys_placeholder,
+	&crmpay_redsys_provider,
 };
 
 /* "stripe, paypal, ..." for error hints. */
@@ -197,6 +196,15 @@ read_account(const char *name)
 		if (!isnull)
 			account->webhook_secret = crmpay_decrypt_secret(DatumGetByteaPP(d),
 															psprintf("crmpay:%s:webhook_secret", name));
+		if (account->webhook_secret == NULL &&
+			account->provider->webhook_secret_credential != NULL)
+		{
+			/* the gateway signs webhooks with one of the credentials */
+			const char *key = crmpay_json_str(account->credentials,
+											  account->provider->webhook_secret_credential);
+
+			account->webhook_secret = key ? pstrdup(key) : NULL;
+		}
 		account->api_base = crmpay_setting(account, "api_base");
 		if (account->api_base == NULL)
 			account->api_base = account->provider->default_api_base;
@@ -487,6 +495,9 @@ crmpay_create_link(const CrmpayAccount *account,
 	memset(result, 0, sizeof(*result));
 	memset(failure, 0, sizeof(*failure));
 
+	if (provider->local_link != NULL && provider->local_link(account, request, result))
+		return true;
+
 	if (account->api_base == NULL)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
@@ -501,8 +512,12 @@ crmpay_create_link(const CrmpayAccount *account,
 		return false;
 	if (!provider->parse_create_link(account, &response, result, failure))
 	{
-		failure->kind = CRMPAY_FAIL_BAD_RESPONSE;
-		failure->retryable = true;
+		/* a gateway may refuse inside a 2xx (Redsys); keep its verdict */
+		if (failure->kind == CRMPAY_FAIL_NONE)
+		{
+			failure->kind = CRMPAY_FAIL_BAD_RESPONSE;
+			failure->retryable = true;
+		}
 		failure->http_status = (int) response.status;
 		return false;
 	}
@@ -520,6 +535,7 @@ crmpay_new_event(void)
 
 	event->amount_minor = -1;
 	event->refunded_minor = -1;
+	event->refund_minor = -1;
 	return event;
 }
 
@@ -581,7 +597,10 @@ link_result_to_jsonb_text(const CrmpayLinkResult *result)
 	appendStringInfoString(&buf, "{\"gateway_ref\": ");
 	escape_json(&buf, result->gateway_ref);
 	appendStringInfoString(&buf, ", \"url\": ");
-	escape_json(&buf, result->url);
+	if (result->url != NULL)
+		escape_json(&buf, result->url);
+	else
+		appendStringInfoString(&buf, "null");	/* a link without a URL (Redsys form) */
 	appendStringInfoString(&buf, ", \"status\": ");
 	escape_json(&buf, result->status ? result->status : "open");
 	if (result->expires_at != 0)

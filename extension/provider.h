@@ -88,6 +88,10 @@ typedef struct CrmpayWebhookEvent
 	int64		amount_minor;	/* -1 when not given */
 	char	   *currency;		/* upper-case; NULL when not given */
 	int64		refunded_minor; /* cumulative refunded amount, -1 if n/a */
+	int64		refund_minor;	/* one refund's own amount, for gateways that
+								 * report refunds singly (Redsys); the intake
+								 * adds it to the payment's refunded total and
+								 * picks refunded/partially_refunded; -1 if n/a */
 } CrmpayWebhookEvent;
 
 /* Result of checking a delivery's authenticity. */
@@ -103,6 +107,13 @@ typedef struct CrmpayProvider
 	const char *default_api_base;
 	const char *webhook_ack;	/* reply body for an accepted delivery */
 
+	/*
+	 * Name of the credentials member that also signs webhooks, for gateways
+	 * with one key for both (Redsys); NULL when webhooks have their own
+	 * secret (webhook_secret).
+	 */
+	const char *webhook_secret_credential;
+
 	/* Checks the credentials/settings shapes for add_account; ERROR if bad. */
 	void		(*validate_account) (const CrmpayJson *credentials,
 									 const CrmpayJson *settings,
@@ -114,7 +125,18 @@ typedef struct CrmpayProvider
 	void		(*build_create_link) (const CrmpayAccount *account,
 									  const CrmpayLinkRequest *request,
 									  CrmpayHttpRequest *out);
-	/* Reads a 2xx answer into *result; false + *failure if unreadable. */
+	/*
+	 * Optional: makes the link without calling the gateway (Redsys' signed
+	 * redirect form) and returns true; false to go through
+	 * build_create_link and HTTP.
+	 */
+	bool		(*local_link) (const CrmpayAccount *account,
+							   const CrmpayLinkRequest *request,
+							   CrmpayLinkResult *result);
+	/*
+	 * Reads a 2xx answer into *result; false + *failure if unreadable (or
+	 * refused in a 2xx, with failure->kind set by the provider).
+	 */
 	bool		(*parse_create_link) (const CrmpayAccount *account,
 									  const CrmpayHttpResponse *response,
 									  CrmpayLinkResult *result,
@@ -158,5 +180,6 @@ extern char *crmpay_header_line(const char *name, const char *value);
 
 /* The providers (one file each) */
 extern const CrmpayProvider crmpay_stripe_provider;
+extern const CrmpayProvider crmpay_redsys_provider;
 
 #endif							/* CRMPAY_PROVIDER_H */

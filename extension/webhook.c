@@ -143,11 +143,11 @@ intake_plan(int which)
 		 * latest status.
 		 */
 		[PLAN_FIND_PAYMENT] = {
-			"SELECT a.applied, p.id, p.status, p.amount_minor, p.currency"
+			"SELECT a.applied, p.id, p.status, p.amount_minor, p.currency, p.refunded_minor"
 			"  FROM (SELECT EXISTS (SELECT 1 FROM crmpay.events e WHERE e.account = $1"
 			"                          AND e.event_key = $5 AND e.outcome = 'applied') AS applied) a"
 			"  LEFT JOIN LATERAL ("
-			"        SELECT id, status, amount_minor, currency FROM crmpay.payments"
+			"        SELECT id, status, amount_minor, currency, refunded_minor FROM crmpay.payments"
 			"         WHERE account = $1 AND (gateway_ref = $2 OR gateway_payment_ref = $3 OR order_ref = $4)"
 			"         ORDER BY CASE WHEN gateway_ref = $2 THEN 1 WHEN gateway_payment_ref = $3 THEN 2 ELSE 3 END"
 			"         LIMIT 1 FOR UPDATE) p ON true",
@@ -216,11 +216,12 @@ record_event(const char *account, const char *provider, const CrmpayWebhookEvent
 /*
  * apply_event
  *		Dedupes and applies one authentic event; returns its outcome and
- *		fills *reason, *payment_id and the status change.
+ *		fills *reason, *payment_id and the status change (*old_status and
+ *		*applied_status, set only when the status moved).
  */
 static const char *
 apply_event(const char *account, const CrmpayWebhookEvent *event, const char **reason,
-			int64 *payment_id, char **old_status)
+			int64 *payment_id, char **old_status, const char **applied_status)
 {
 	Datum		values[5];
 	char		nulls[5];
@@ -231,6 +232,8 @@ apply_event(const char *account, const CrmpayWebhookEvent *event, const char **r
 	char	   *status;
 	int64		amount;
 	char	   *currency;
+	const char *new_status = event->new_status;
+	int64		refunded_minor = event->refunded_minor;
 
 	*payment_id = 0;
 	*old_status = NULL;
@@ -284,16 +287,36 @@ apply_event(const char *account, const CrmpayWebhookEvent *event, const char **r
 		return "ignored";
 	}
 
-	if (crmpay_apply_status_locked(*payment_id, status, event->new_status,
-								   event->gateway_payment_ref, event->refunded_minor,
-								   GetCurrentTransactionStartTimestamp()))
+	/*
+	 * A gateway that reports each refund on its own (refund_minor): the
+	 * refunded total is what the payment had plus this refund, and only a
+	 * paid or partially refunded payment takes it.  Such a refund counts as
+	 * applied even when the status stays partially_refunded, so the event
+	 * key keeps a replay from counting it twice.
+	 */
+	if (event->refund_minor >= 0)
+	{
+		if (strcmp(status, "paid") != 0 && strcmp(status, "partially_refunded") != 0)
+		{
+			*reason = psprintf("payment is %s; only a paid payment can be refunded", status);
+			return "ignored";
+		}
+		refunded_minor = DatumGetInt64(SPI_getbinval(row, desc, 6, &isnull)) + event->refund_minor;
+		new_status = refunded_minor >= amount ? "refunded" : "partially_refunded";
+	}
+
+	if (crmpay_apply_status_locked(*payment_id, status, new_status,
+								   event->gateway_payment_ref, refunded_minor,
+								   GetCurrentTransactionStartTimestamp()) ||
+		(event->refund_minor > 0 && strcmp(status, new_status) == 0))
 	{
 		*old_status = status;
+		*applied_status = new_status;
 		return "applied";
 	}
-	*reason = strcmp(status, event->new_status) == 0
+	*reason = strcmp(status, new_status) == 0
 		? psprintf("payment is already %s", status)
-		: psprintf("payment is %s; %s would not move it forward", status, event->new_status);
+		: psprintf("payment is %s; %s would not move it forward", status, new_status);
 	return "ignored";
 }
 
@@ -352,10 +375,12 @@ crmpay_receive_webhook(PG_FUNCTION_ARGS)
 			const char *reason = NULL;
 			int64		payment_id;
 			char	   *old_status;
-			const char *outcome = apply_event(account, event, &reason, &payment_id, &old_status);
+			const char *applied_status = NULL;
+			const char *outcome = apply_event(account, event, &reason, &payment_id, &old_status,
+											  &applied_status);
 
 			record_event(account, verdict.provider, event, payment_id, outcome, reason,
-						 old_status, old_status ? event->new_status : NULL, 200,
+						 old_status, applied_status, 200,
 						 headers, headers_null, body);
 			emit_row(rsinfo, 200, verdict.ack ? verdict.ack : "", outcome, event->event_key);
 		}
