@@ -18,6 +18,7 @@ from psycopg import errors
 
 from doubles.paypal_double import PayPalDouble, _Signer, make_signing_cert, signed_message
 from gateways import deliver, payment
+from intake_model import Model, transitions
 
 CLIENT_ID = "AXcrmpayTestClientId0123456789"
 CLIENT_SECRET = "ECcrmpayTestClientSecret0123456789"
@@ -314,38 +315,6 @@ def test_online_verification(shop, paypal):
 # Adversarial intake: >= 1000 generated deliveries against a model of the rules
 # --------------------------------------------------------------------------
 
-def _transitions(conn):
-    return set(conn.execute("SELECT from_status, to_status FROM crmpay.status_transitions").fetchall())
-
-
-class Model:
-    """What crmpay's intake should do: verify, dedupe applied events by id,
-    find the payment, check money facts, then the state machine."""
-
-    def __init__(self, transitions, payments):
-        self.transitions = transitions
-        self.payments = payments            # key -> {"status", "amount", "currency"}
-        self.applied = set()
-
-    def expect(self, authentic, event_key, new_status, pay_key, amount=None, currency=None):
-        if not authentic:
-            return "rejected"
-        if event_key in self.applied:
-            return "duplicate"
-        if new_status is None or pay_key not in self.payments:
-            return "ignored"
-        p = self.payments[pay_key]
-        if new_status in ("paid", "processing") and (
-                (amount is not None and amount != p["amount"]) or
-                (currency is not None and currency != p["currency"])):
-            return "ignored"
-        if p["status"] != new_status and (p["status"], new_status) in self.transitions:
-            p["status"] = new_status
-            self.applied.add(event_key)
-            return "applied"
-        return "ignored"
-
-
 def test_adversarial_paypal_intake(shop, paypal):
     rng = random.Random(20240501)
     decimals = {"EUR": 2, "USD": 2, "JPY": 0}
@@ -357,7 +326,7 @@ def test_adversarial_paypal_intake(shop, paypal):
         row = create_link(shop, "ADV-%d" % i, value, cur)
         payments[row["gateway_ref"]] = {"status": "open", "amount": amount, "currency": cur,
                                         "order_ref": row["order_ref"]}
-    model = Model(_transitions(shop), payments)
+    model = Model(transitions(shop), payments)
     # a key of the right shape (its certificate even chains to the CA), but not PayPal's
     tmp = tempfile.mkdtemp(prefix="crmpay-pp-wrong-")
     try:
