@@ -101,19 +101,28 @@ form_field(const char *body, size_t body_len, const char *name)
 	return NULL;
 }
 
+/* hex HMAC-SHA1 with the given key; out holds 41 bytes. */
+static void
+bt_hmac_hex_key(const unsigned char *key, unsigned int keylen, const char *msg, size_t msglen,
+				char *out)
+{
+	unsigned char mac[CRMPAY_MAX_MAC];
+	unsigned int maclen;
+
+	crmpay_hmac("SHA1", key, keylen, msg, msglen, mac, &maclen);
+	crmpay_hex_encode(mac, maclen, out);
+	out[2 * maclen] = '\0';
+}
+
 /* hex HMAC-SHA1 with key SHA1(private_key); out holds 41 bytes. */
 static void
 bt_hmac_hex(const char *private_key, const char *msg, size_t msglen, char *out)
 {
 	unsigned char key[CRMPAY_MAX_MAC];
 	unsigned int keylen;
-	unsigned char mac[CRMPAY_MAX_MAC];
-	unsigned int maclen;
 
 	crmpay_digest("SHA1", private_key, strlen(private_key), key, &keylen);
-	crmpay_hmac("SHA1", key, keylen, msg, msglen, mac, &maclen);
-	crmpay_hex_encode(mac, maclen, out);
-	out[2 * maclen] = '\0';
+	bt_hmac_hex_key(key, keylen, msg, msglen, out);
 }
 
 /*
@@ -131,6 +140,8 @@ verify_pair_list(const char *signature, const char *payload, const char *public_
 	char		expected[41];
 	char		expected_nl[41];
 	char	   *with_nl;
+	unsigned char key[CRMPAY_MAX_MAC];
+	unsigned int keylen;
 
 	while (*p != '\0')
 	{
@@ -150,14 +161,17 @@ verify_pair_list(const char *signature, const char *payload, const char *public_
 	if (strlen(hex) != 40)
 		return "signature does not match";
 
-	bt_hmac_hex(private_key, payload, paylen, expected);
+	crmpay_digest("SHA1", private_key, strlen(private_key), key, &keylen);
+	bt_hmac_hex_key(key, keylen, payload, paylen, expected);
+	if (crmpay_ct_equal_nocase_hex(hex, expected, 40))
+		return NULL;
+	/* the SDKs also accept the signature of the payload plus "\n" */
 	with_nl = palloc(paylen + 2);
 	memcpy(with_nl, payload, paylen);
 	with_nl[paylen] = '\n';
 	with_nl[paylen + 1] = '\0';
-	bt_hmac_hex(private_key, with_nl, paylen + 1, expected_nl);
-	if (crmpay_ct_equal_nocase_hex(hex, expected, 40) |
-		crmpay_ct_equal_nocase_hex(hex, expected_nl, 40))
+	bt_hmac_hex_key(key, keylen, with_nl, paylen + 1, expected_nl);
+	if (crmpay_ct_equal_nocase_hex(hex, expected_nl, 40))
 		return NULL;
 	return "signature does not match";
 }
