@@ -347,8 +347,8 @@ token_plan(int which)
 		[TOKEN_READ] = "SELECT token, refresh_after FROM crmpay.oauth_tokens WHERE account = $1",
 		[TOKEN_READ_LOCKED] = "SELECT token, refresh_after FROM crmpay.oauth_tokens WHERE account = $1 FOR UPDATE",
 		[TOKEN_ENSURE_ROW] = "INSERT INTO crmpay.oauth_tokens (account) VALUES ($1) ON CONFLICT DO NOTHING",
-		[TOKEN_STORE] = "UPDATE crmpay.oauth_tokens SET token = $2, expires_at = $3, refresh_after = $4,"
-		"       refreshed_at = now(), refresh_count = refresh_count + 1 WHERE account = $1",
+		[TOKEN_STORE] = ("UPDATE crmpay.oauth_tokens SET token = $2, expires_at = $3, refresh_after = $4,"
+						 " refreshed_at = now(), refresh_count = refresh_count + 1 WHERE account = $1"),
 	};
 	static const int nargs[NUM_TOKEN_PLANS] = {1, 1, 1, 4};
 	Oid			types[4] = {TEXTOID, BYTEAOID, TIMESTAMPTZOID, TIMESTAMPTZOID};
