@@ -78,9 +78,11 @@ def subject_for(kind, ident, **kw):
 
 
 def encode_payload(xml, mime=True):
+    """mime: Python-style base64.encodebytes (76-character lines, each ending
+    in \\n); otherwise one line plus a final \\n, like the Node SDK."""
     raw = xml.encode("utf-8")
     if mime:
-        return base64.encodebytes(raw).decode("ascii")       # 76-char lines? no: see below
+        return base64.encodebytes(raw).decode("ascii")
     return base64.b64encode(raw).decode("ascii") + "\n"
 
 
