@@ -243,7 +243,9 @@ def test_token_is_shared_sealed_and_refreshed_before_expiry(shop, paypal):
     assert paypal.stats()["auth_failures"] == 0     # refreshed before PayPal refused it
 
 
-def test_token_refused_by_paypal_is_refreshed_once_and_retried(shop, paypal):
+def test_token_refused_by_paypal_is_refreshed_once_and_retried(shop, paypal, pg):
+    shop.execute("SET log_min_messages = debug1")
+    shop.execute("SET log_statement = 'all'")
     create_link(shop, "R401-1")
     paypal.revoke_tokens()
     row = create_link(shop, "R401-2")
@@ -252,6 +254,11 @@ def test_token_refused_by_paypal_is_refreshed_once_and_retried(shop, paypal):
     assert stats["tokens_issued"] == 2 and stats["auth_failures"] == 1
     assert [r["path"] for r in paypal.requests()][-3:] == [
         "/v2/checkout/orders", "/v1/oauth2/token", "/v2/checkout/orders"]
+    # neither token nor client secret ever reaches the server log
+    log = pg.server_log()
+    assert "R401-2" in log                       # the statements were logged...
+    for secret in list(paypal._tokens) + [CLIENT_SECRET]:
+        assert secret not in log                 # ...but no secret
 
 
 def test_new_credentials_drop_the_stored_token(shop, paypal):
