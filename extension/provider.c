@@ -26,15 +26,13 @@
 #include "utils/memutils.h"
 
 /* Gateways accepted by add_account that have no implementation yet. */
-static const CrmpayProvider paypal_placeholder = {.name = "paypal"};
-static const CrmpayProvider braintree_placeholder = {.name = "braintree"};
 static const CrmpayProvider adyen_placeholder = {.name = "adyen"};
 
 /* The registry: one line per gateway. */
 static const CrmpayProvider *const providers[] = {
 	&crmpay_stripe_provider,
-	&paypal_placeholder,
-	&braintree_placeholder,
+	&crmpay_paypal_provider,
+	&crmpay_braintree_provider,
 	&adyen_placeholder,
 	&crmpay_redsys_provider,
 };
@@ -475,6 +473,38 @@ crmpay_raise_gateway_failure(const CrmpayAccount *account,
 }
 
 /*
+ * crmpay_gateway_call
+ *		Sends one request to the account's gateway: lets the provider add its
+ *		credentials (authorize), and when the gateway answers 401, has them
+ *		refreshed once and sends the request again.  Returns true for a 2xx
+ *		answer; false with *failure classified otherwise.
+ */
+bool
+crmpay_gateway_call(const CrmpayAccount *account, CrmpayHttpRequest *request,
+					CrmpayHttpResponse *response, CrmpayGatewayFailure *failure)
+{
+	const CrmpayProvider *provider = account->provider;
+	List	   *base_headers = request->headers;
+	int			attempt;
+
+	memset(failure, 0, sizeof(*failure));
+	for (attempt = 0; attempt < 2; attempt++)
+	{
+		request->headers = list_copy(base_headers);
+		if (provider->authorize != NULL &&
+			!provider->authorize(account, request, attempt > 0, failure))
+			return false;
+		crmpay_http_perform(request, response);
+		if (provider->authorize == NULL || response->transport != CRMPAY_TRANSPORT_OK ||
+			response->status != 401)
+			break;
+	}
+	request->headers = base_headers;
+	crmpay_classify_http_failure(account, response, failure);
+	return failure->kind == CRMPAY_FAIL_NONE;
+}
+
+/*
  * crmpay_create_link
  *		Asks the account's gateway for a payment link.  Returns true with
  *		*result filled, or false with *failure saying why (and whether a
@@ -505,10 +535,7 @@ crmpay_create_link(const CrmpayAccount *account,
 	crmpay_http_check_url(account->api_base, "the account's api_base");
 
 	provider->build_create_link(account, request, &http);
-	crmpay_http_perform(&http, &response);
-
-	crmpay_classify_http_failure(account, &response, failure);
-	if (failure->kind != CRMPAY_FAIL_NONE)
+	if (!crmpay_gateway_call(account, &http, &response, failure))
 		return false;
 	if (!provider->parse_create_link(account, &response, result, failure))
 	{

@@ -92,6 +92,7 @@ typedef struct CrmpayWebhookEvent
 								 * report refunds singly (Redsys); the intake
 								 * adds it to the payment's refunded total and
 								 * picks refunded/partially_refunded; -1 if n/a */
+	const char *follow_up;		/* gateway call due once applied ("capture"), or NULL */
 } CrmpayWebhookEvent;
 
 /* Result of checking a delivery's authenticity. */
@@ -153,6 +154,25 @@ typedef struct CrmpayProvider
 	List	   *(*parse_webhook) (const CrmpayHeaders *headers,
 								  const char *body, size_t body_len,
 								  const char **reason);
+
+	/*
+	 * Optional.  Gives a request its credentials just before it is sent
+	 * (an OAuth bearer token, say); refresh is true after the gateway
+	 * answered 401 to the previous ones.  false + *failure when no
+	 * credentials could be had.  Used by crmpay_gateway_call.
+	 */
+	bool		(*authorize) (const CrmpayAccount *account,
+							  CrmpayHttpRequest *request, bool refresh,
+							  CrmpayGatewayFailure *failure);
+	/*
+	 * Optional.  Checks a delivery with the whole account at hand (its
+	 * settings may ask for the gateway's online check); receive_webhook
+	 * prefers it to verify_webhook.  Never raises for bad input.
+	 */
+	CrmpayVerifyResult (*verify_account_webhook) (const CrmpayAccount *account,
+												  const CrmpayHeaders *headers,
+												  const char *body, size_t body_len,
+												  int64 tolerance_s, TimestampTz at);
 } CrmpayProvider;
 
 extern const CrmpayProvider *crmpay_find_provider(const char *name,
@@ -172,6 +192,10 @@ extern void crmpay_raise_gateway_failure(const CrmpayAccount *account,
 										 const CrmpayGatewayFailure *failure)
 			pg_attribute_noreturn();
 extern const char *crmpay_failure_kind_name(CrmpayFailureKind kind);
+extern bool crmpay_gateway_call(const CrmpayAccount *account,
+								CrmpayHttpRequest *request,
+								CrmpayHttpResponse *response,
+								CrmpayGatewayFailure *failure);
 
 /* Helpers for provider files */
 extern CrmpayWebhookEvent *crmpay_new_event(void);
@@ -181,5 +205,15 @@ extern char *crmpay_header_line(const char *name, const char *value);
 /* The providers (one file each) */
 extern const CrmpayProvider crmpay_stripe_provider;
 extern const CrmpayProvider crmpay_redsys_provider;
+extern const CrmpayProvider crmpay_paypal_provider;
+extern const CrmpayProvider crmpay_braintree_provider;
+
+/* paypal.c: its GUCs, and decimal amounts (also used by braintree.c) */
+extern char *crmpay_paypal_cert_hosts;
+extern void crmpay_paypal_define_gucs(void);
+extern int	crmpay_iso_exponent(const char *currency);
+extern bool crmpay_decimal_to_minor(const char *value, int exponent,
+									int64 *out);
+extern char *crmpay_minor_to_decimal(int64 amount_minor, int exponent);
 
 #endif							/* CRMPAY_PROVIDER_H */

@@ -93,9 +93,14 @@ check_delivery(const char *name, Datum headers_jsonb, bool headers_null,
 		return reject(provider->name, 413, "body larger than crmpay.max_webhook_bytes");
 
 	headers = headers_null ? palloc0(sizeof(CrmpayHeaders)) : crmpay_headers_from_jsonb(headers_jsonb);
-	check = provider->verify_webhook(account->webhook_secret, headers,
-									 VARDATA_ANY(body), VARSIZE_ANY_EXHDR(body),
-									 crmpay_webhook_tolerance_s, at);
+	if (provider->verify_account_webhook != NULL)
+		check = provider->verify_account_webhook(account, headers,
+												 VARDATA_ANY(body), VARSIZE_ANY_EXHDR(body),
+												 crmpay_webhook_tolerance_s, at);
+	else
+		check = provider->verify_webhook(account->webhook_secret, headers,
+										 VARDATA_ANY(body), VARSIZE_ANY_EXHDR(body),
+										 crmpay_webhook_tolerance_s, at);
 	if (!check.valid)
 		return reject(provider->name, 400, check.reason);
 
@@ -127,14 +132,14 @@ intake_plan(int which)
 	{
 		const char *sql;
 		int			nargs;
-		Oid			types[12];
+		Oid			types[13];
 	}			defs[NUM_PLANS] = {
 		[PLAN_INSERT_EVENT] = {
 			"INSERT INTO crmpay.events (account, provider, event_key, event_type, payment_id, outcome,"
-			" reason, old_status, new_status, http_status, headers, body)"
-			" VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
-			12, {TEXTOID, TEXTOID, TEXTOID, TEXTOID, INT8OID, TEXTOID, TEXTOID, TEXTOID, TEXTOID,
-			INT4OID, JSONBOID, TEXTOID}
+			" reason, old_status, new_status, http_status, headers, body, follow_up)"
+			" VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+			13, {TEXTOID, TEXTOID, TEXTOID, TEXTOID, INT8OID, TEXTOID, TEXTOID, TEXTOID, TEXTOID,
+			INT4OID, JSONBOID, TEXTOID, TEXTOID}
 		},
 		/*
 		 * Was this event applied already, and which payment is it about (by
@@ -191,8 +196,8 @@ record_event(const char *account, const char *provider, const CrmpayWebhookEvent
 			 const char *old_status, const char *new_status, int http_status,
 			 Datum headers, bool headers_null, text *body)
 {
-	Datum		values[12];
-	char		nulls[12];
+	Datum		values[13];
+	char		nulls[13];
 
 	values[0] = text_or_null(account, &nulls[0]);
 	values[1] = text_or_null(provider, &nulls[1]);
@@ -210,6 +215,9 @@ record_event(const char *account, const char *provider, const CrmpayWebhookEvent
 	nulls[10] = headers_null ? 'n' : ' ';
 	values[11] = PointerGetDatum(body);
 	nulls[11] = body ? ' ' : 'n';
+	/* a follow-up (e.g. PayPal's capture) is due only when the event moved the payment */
+	values[12] = text_or_null(event && outcome && strcmp(outcome, "applied") == 0
+							  ? event->follow_up : NULL, &nulls[12]);
 	spi_run(PLAN_INSERT_EVENT, values, nulls, SPI_OK_INSERT);
 }
 
