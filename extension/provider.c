@@ -28,7 +28,6 @@
 /* Gateways accepted by add_account that have no implementation yet. */
 static const CrmpayProvider paypal_placeholder = {.name = "paypal"};
 static const CrmpayProvider braintree_placeholder = {.name = "braintree"};
-static const CrmpayProvider adyen_placeholder = {.name = "adyen"};
 static const CrmpayProvider redsys_placeholder = {.name = "redsys"};
 
 /* The registry: one line per gateway. */
@@ -36,7 +35,7 @@ static const CrmpayProvider *const providers[] = {
 	&crmpay_stripe_provider,
 	&paypal_placeholder,
 	&braintree_placeholder,
-	&adyen_placeholder,
+	&crmpay_adyen_provider,
 	&redsys_placeholder,
 };
 
