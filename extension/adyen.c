@@ -727,20 +727,551 @@ adyen_parse_error(const CrmpayHttpResponse *response, CrmpayGatewayFailure *fail
  */
 
 /*
- * The text a signer sees for a field: scalars as written (strings
- * de-escaped), "" when missing or null.  NULL when it is an object or an
- * array, which no signer can have meant.
+ * A single-pass JSON scanner for Adyen notifications.  It checks the whole
+ * body against RFC 8259 exactly as crmpay_json_parse does (the server's
+ * lexer: strict numbers, escapes, surrogate pairs, no \u0000, no raw control
+ * characters, valid UTF-8, at most CRMPAY_MAX_JSON_DEPTH levels), and keeps
+ * only what verification and matching need, without building a tree:
+ * notificationItems[].NotificationRequestItem's signed fields,
+ * additionalData.hmacSignature and .paymentLinkId, and the root's "type".
+ * A repeated key counts with its last value, as in crmpay_json_member().
+ * Verification runs for every delivery, so this is the hot path.
  */
-static const char *
-field_text(const CrmpayJson *item, const char *path)
+typedef enum AdyenFieldKind
 {
-	const CrmpayJson *node = crmpay_json_path(item, path);
+	AF_MISSING = 0,
+	AF_NULL,
+	AF_SCALAR,
+	AF_COMPOSITE
+} AdyenFieldKind;
 
-	if (node == NULL || node->kind == CRMPAY_JSON_NULL)
-		return "";
-	if (node->kind == CRMPAY_JSON_OBJECT || node->kind == CRMPAY_JSON_ARRAY)
-		return NULL;
-	return node->text;
+typedef struct AdyenField
+{
+	AdyenFieldKind kind;
+	const char *text;			/* scalars: de-escaped text (not terminated) */
+	size_t		len;
+} AdyenField;
+
+enum
+{
+	F_PSP, F_ORIG, F_MERCHANT, F_REFERENCE, F_VALUE, F_CURRENCY, F_CODE, F_SUCCESS,
+	F_SIGNATURE, F_LINK, NUM_FIELDS
+};
+
+typedef struct AdyenItem
+{
+	bool		is_object;		/* NotificationRequestItem is an object */
+	AdyenField	f[NUM_FIELDS];
+} AdyenItem;
+
+typedef struct AdyenScan
+{
+	const char *p;
+	const char *end;
+	const char *error;
+	int			depth;
+	bool		utf8;			/* database encoding is UTF-8 */
+	bool		has_items;		/* root has notificationItems */
+	bool		items_array;	/* ... and it is an array */
+	int			nitems;
+	int			capacity;
+	AdyenItem  *items;
+	AdyenField	type;			/* root "type" */
+} AdyenScan;
+
+/* What the value being scanned is to the notification. */
+typedef enum AdyenRole
+{
+	R_SKIP, R_ROOT, R_ITEMS, R_WRAPPER, R_ITEM, R_AMOUNT, R_ADDITIONAL, R_FIELD
+} AdyenRole;
+
+static bool scan_value(AdyenScan *sc, AdyenRole role, AdyenItem *item, AdyenField *field);
+
+static inline void
+scan_ws(AdyenScan *sc)
+{
+	while (sc->p < sc->end && (*sc->p == ' ' || *sc->p == '\n' || *sc->p == '\r' || *sc->p == '\t'))
+		sc->p++;
+}
+
+static bool
+scan_fail(AdyenScan *sc, const char *error)
+{
+	if (sc->error == NULL)
+		sc->error = error;
+	return false;
+}
+
+static int
+hex4(const char *p)
+{
+	int			v = 0;
+	int			i;
+
+	for (i = 0; i < 4; i++)
+	{
+		char		c = p[i];
+
+		v <<= 4;
+		if (c >= '0' && c <= '9')
+			v |= c - '0';
+		else if (c >= 'a' && c <= 'f')
+			v |= c - 'a' + 10;
+		else if (c >= 'A' && c <= 'F')
+			v |= c - 'A' + 10;
+		else
+			return -1;
+	}
+	return v;
+}
+
+/*
+ * Scans a string (sc->p at the opening quote).  When out is given, the
+ * de-escaped text is returned there: a slice of the input when the string
+ * has no escapes, else a palloc'd copy.
+ */
+static bool
+scan_string(AdyenScan *sc, AdyenField *out)
+{
+	const char *start = ++sc->p;
+	StringInfoData buf;
+	bool		escaped = false;
+
+	for (;;)
+	{
+		unsigned char c;
+
+		if (sc->p >= sc->end)
+			return scan_fail(sc, "unterminated string");
+		c = (unsigned char) *sc->p;
+		if (c == '"')
+			break;
+		if (c < 0x20)
+			return scan_fail(sc, "control character in a string");
+		if (c != '\\')
+		{
+			if (escaped)
+				appendStringInfoChar(&buf, (char) c);
+			sc->p++;
+			continue;
+		}
+		if (!escaped)
+		{
+			initStringInfo(&buf);
+			appendBinaryStringInfo(&buf, start, (int) (sc->p - start));
+			escaped = true;
+		}
+		if (sc->p + 1 >= sc->end)
+			return scan_fail(sc, "unterminated escape");
+		switch (sc->p[1])
+		{
+			case '"':
+			case '\\':
+			case '/':
+				appendStringInfoChar(&buf, sc->p[1]);
+				break;
+			case 'b':
+				appendStringInfoChar(&buf, '\b');
+				break;
+			case 'f':
+				appendStringInfoChar(&buf, '\f');
+				break;
+			case 'n':
+				appendStringInfoChar(&buf, '\n');
+				break;
+			case 'r':
+				appendStringInfoChar(&buf, '\r');
+				break;
+			case 't':
+				appendStringInfoChar(&buf, '\t');
+				break;
+			case 'u':
+				{
+					int			cp;
+					unsigned char utf8[4];
+					int			n;
+
+					if (sc->end - sc->p < 6 || (cp = hex4(sc->p + 2)) < 0)
+						return scan_fail(sc, "invalid \\u escape");
+					if (cp >= 0xDC00 && cp <= 0xDFFF)
+						return scan_fail(sc, "lone low surrogate");
+					if (cp >= 0xD800 && cp <= 0xDBFF)
+					{
+						int			lo;
+
+						if (sc->end - sc->p < 12 || sc->p[6] != '\\' || sc->p[7] != 'u' ||
+							(lo = hex4(sc->p + 8)) < 0xDC00 || lo > 0xDFFF)
+							return scan_fail(sc, "high surrogate without a low one");
+						cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00);
+						sc->p += 6;
+					}
+					if (cp == 0)
+						return scan_fail(sc, "\\u0000 cannot be converted to text");
+					if (cp > 0x7F && !sc->utf8)
+						return scan_fail(sc, "non-ASCII \\u escape in a database that is not UTF-8");
+					if (cp < 0x80)
+					{
+						utf8[0] = (unsigned char) cp;
+						n = 1;
+					}
+					else if (cp < 0x800)
+					{
+						utf8[0] = 0xC0 | (cp >> 6);
+						utf8[1] = 0x80 | (cp & 0x3F);
+						n = 2;
+					}
+					else if (cp < 0x10000)
+					{
+						utf8[0] = 0xE0 | (cp >> 12);
+						utf8[1] = 0x80 | ((cp >> 6) & 0x3F);
+						utf8[2] = 0x80 | (cp & 0x3F);
+						n = 3;
+					}
+					else
+					{
+						utf8[0] = 0xF0 | (cp >> 18);
+						utf8[1] = 0x80 | ((cp >> 12) & 0x3F);
+						utf8[2] = 0x80 | ((cp >> 6) & 0x3F);
+						utf8[3] = 0x80 | (cp & 0x3F);
+						n = 4;
+					}
+					appendBinaryStringInfo(&buf, (char *) utf8, n);
+					sc->p += 4;
+					break;
+				}
+			default:
+				return scan_fail(sc, "invalid escape");
+		}
+		sc->p += 2;
+	}
+	if (out != NULL)
+	{
+		out->kind = AF_SCALAR;
+		out->text = escaped ? buf.data : start;
+		out->len = escaped ? (size_t) buf.len : (size_t) (sc->p - start);
+	}
+	else if (escaped)
+		pfree(buf.data);
+	sc->p++;					/* closing quote */
+	return true;
+}
+
+static bool
+scan_digits(AdyenScan *sc)
+{
+	const char *start = sc->p;
+
+	while (sc->p < sc->end && *sc->p >= '0' && *sc->p <= '9')
+		sc->p++;
+	return sc->p > start;
+}
+
+/* -?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)? */
+static bool
+scan_number(AdyenScan *sc, AdyenField *out)
+{
+	const char *start = sc->p;
+
+	if (*sc->p == '-')
+		sc->p++;
+	if (sc->p < sc->end && *sc->p == '0')
+		sc->p++;
+	else if (!scan_digits(sc))
+		return scan_fail(sc, "invalid number");
+	if (sc->p < sc->end && *sc->p == '.')
+	{
+		sc->p++;
+		if (!scan_digits(sc))
+			return scan_fail(sc, "invalid number");
+	}
+	if (sc->p < sc->end && (*sc->p == 'e' || *sc->p == 'E'))
+	{
+		sc->p++;
+		if (sc->p < sc->end && (*sc->p == '+' || *sc->p == '-'))
+			sc->p++;
+		if (!scan_digits(sc))
+			return scan_fail(sc, "invalid number");
+	}
+	if (out != NULL)
+	{
+		out->kind = AF_SCALAR;
+		out->text = start;
+		out->len = sc->p - start;
+	}
+	return true;
+}
+
+/* The field of item that key names in a container of this role, or NULL. */
+static AdyenField *
+scan_field_for(AdyenRole role, AdyenItem *item, const AdyenField *key)
+{
+	static const struct
+	{
+		AdyenRole	role;
+		const char *name;
+		int			field;
+	}			fields[] = {
+		{R_ITEM, "pspReference", F_PSP},
+		{R_ITEM, "originalReference", F_ORIG},
+		{R_ITEM, "merchantAccountCode", F_MERCHANT},
+		{R_ITEM, "merchantReference", F_REFERENCE},
+		{R_ITEM, "eventCode", F_CODE},
+		{R_ITEM, "success", F_SUCCESS},
+		{R_AMOUNT, "value", F_VALUE},
+		{R_AMOUNT, "currency", F_CURRENCY},
+		{R_ADDITIONAL, "hmacSignature", F_SIGNATURE},
+		{R_ADDITIONAL, "paymentLinkId", F_LINK},
+	};
+	int			i;
+
+	for (i = 0; i < lengthof(fields); i++)
+		if (fields[i].role == role && strlen(fields[i].name) == key->len &&
+			memcmp(fields[i].name, key->text, key->len) == 0)
+			return &item->f[fields[i].field];
+	return NULL;
+}
+
+static bool
+key_is(const AdyenField *key, const char *name)
+{
+	return strlen(name) == key->len && memcmp(name, key->text, key->len) == 0;
+}
+
+/* An object (sc->p at '{'); members get their role from this one's. */
+static bool
+scan_object(AdyenScan *sc, AdyenRole role, AdyenItem *item)
+{
+	sc->p++;
+	scan_ws(sc);
+	if (sc->p < sc->end && *sc->p == '}')
+	{
+		sc->p++;
+		return true;
+	}
+	for (;;)
+	{
+		AdyenField	key = {0};
+		AdyenRole	member = R_SKIP;
+		AdyenItem  *member_item = item;
+		AdyenField *field = NULL;
+
+		if (sc->p >= sc->end || *sc->p != '"')
+			return scan_fail(sc, "object key expected");
+		if (!scan_string(sc, &key))
+			return false;
+		scan_ws(sc);
+		if (sc->p >= sc->end || *sc->p != ':')
+			return scan_fail(sc, "':' expected");
+		sc->p++;
+		scan_ws(sc);
+
+		switch (role)
+		{
+			case R_ROOT:
+				if (key_is(&key, "notificationItems"))
+				{
+					member = R_ITEMS;
+					sc->has_items = true;
+					sc->items_array = false;
+					sc->nitems = 0;		/* a repeated key: the last one counts */
+				}
+				else if (key_is(&key, "type"))
+				{
+					member = R_FIELD;
+					field = &sc->type;
+				}
+				break;
+			case R_WRAPPER:
+				if (key_is(&key, "NotificationRequestItem"))
+				{
+					memset(item, 0, sizeof(AdyenItem));
+					member = R_ITEM;
+				}
+				break;
+			case R_ITEM:
+				if (key_is(&key, "amount"))
+				{
+					item->f[F_VALUE].kind = item->f[F_CURRENCY].kind = AF_MISSING;
+					member = R_AMOUNT;
+				}
+				else if (key_is(&key, "additionalData"))
+				{
+					item->f[F_SIGNATURE].kind = item->f[F_LINK].kind = AF_MISSING;
+					member = R_ADDITIONAL;
+				}
+				else if ((field = scan_field_for(role, item, &key)) != NULL)
+					member = R_FIELD;
+				break;
+			case R_AMOUNT:
+			case R_ADDITIONAL:
+				if ((field = scan_field_for(role, item, &key)) != NULL)
+					member = R_FIELD;
+				break;
+			default:
+				break;
+		}
+		if (!scan_value(sc, member, member_item, field))
+			return false;
+		scan_ws(sc);
+		if (sc->p < sc->end && *sc->p == ',')
+		{
+			sc->p++;
+			scan_ws(sc);
+			continue;
+		}
+		if (sc->p < sc->end && *sc->p == '}')
+		{
+			sc->p++;
+			return true;
+		}
+		return scan_fail(sc, "',' or '}' expected");
+	}
+}
+
+/* An array (sc->p at '['); the elements of notificationItems are items. */
+static bool
+scan_array(AdyenScan *sc, AdyenRole role)
+{
+	sc->p++;
+	scan_ws(sc);
+	if (sc->p < sc->end && *sc->p == ']')
+	{
+		sc->p++;
+		return true;
+	}
+	for (;;)
+	{
+		AdyenItem  *item = NULL;
+
+		if (role == R_ITEMS)
+		{
+			if (sc->nitems == sc->capacity)
+			{
+				sc->capacity = sc->capacity ? 2 * sc->capacity : 4;
+				sc->items = sc->items ? repalloc(sc->items, sc->capacity * sizeof(AdyenItem))
+					: palloc(sc->capacity * sizeof(AdyenItem));
+			}
+			item = &sc->items[sc->nitems++];
+			memset(item, 0, sizeof(AdyenItem));
+		}
+		if (!scan_value(sc, role == R_ITEMS ? R_WRAPPER : R_SKIP, item, NULL))
+			return false;
+		scan_ws(sc);
+		if (sc->p < sc->end && *sc->p == ',')
+		{
+			sc->p++;
+			scan_ws(sc);
+			continue;
+		}
+		if (sc->p < sc->end && *sc->p == ']')
+		{
+			sc->p++;
+			return true;
+		}
+		return scan_fail(sc, "',' or ']' expected");
+	}
+}
+
+static bool
+scan_literal(AdyenScan *sc, const char *word, AdyenField *out, AdyenFieldKind kind)
+{
+	size_t		n = strlen(word);
+
+	if ((size_t) (sc->end - sc->p) < n || memcmp(sc->p, word, n) != 0)
+		return scan_fail(sc, "invalid token");
+	if (out != NULL)
+	{
+		out->kind = kind;
+		out->text = sc->p;
+		out->len = n;
+	}
+	sc->p += n;
+	return true;
+}
+
+/*
+ * One value.  role says what it is: R_FIELD values are captured into
+ * *field (scalars as text, containers only as AF_COMPOSITE); containers
+ * pass their role on to their members.
+ */
+static bool
+scan_value(AdyenScan *sc, AdyenRole role, AdyenItem *item, AdyenField *field)
+{
+	AdyenField *out = (role == R_FIELD) ? field : NULL;
+	bool		ok;
+
+	if (sc->p >= sc->end)
+		return scan_fail(sc, "value expected");
+	switch (*sc->p)
+	{
+		case '{':
+		case '[':
+			if (++sc->depth > CRMPAY_MAX_JSON_DEPTH)
+				return scan_fail(sc, "JSON nested too deeply");
+			if (out != NULL)
+				out->kind = AF_COMPOSITE;
+			if (*sc->p == '{' && role == R_ITEM)
+				item->is_object = true;
+			if (*sc->p == '{')
+				ok = scan_object(sc, (role == R_ROOT || role == R_WRAPPER || role == R_ITEM ||
+									  role == R_AMOUNT || role == R_ADDITIONAL) ? role : R_SKIP,
+								 item);
+			else
+			{
+				if (role == R_ITEMS)
+					sc->items_array = true;
+				ok = scan_array(sc, role == R_ITEMS ? R_ITEMS : R_SKIP);
+			}
+			sc->depth--;
+			return ok;
+		case '"':
+			return scan_string(sc, out);
+		case 't':
+			return scan_literal(sc, "true", out, AF_SCALAR);
+		case 'f':
+			return scan_literal(sc, "false", out, AF_SCALAR);
+		case 'n':
+			return scan_literal(sc, "null", out, AF_NULL);
+		default:
+			if (*sc->p == '-' || (*sc->p >= '0' && *sc->p <= '9'))
+				return scan_number(sc, out);
+			return scan_fail(sc, "invalid token");
+	}
+}
+
+/* Scans a whole body; false with sc->error when it is not valid JSON. */
+static bool
+adyen_scan(AdyenScan *sc, const char *body, size_t body_len)
+{
+	memset(sc, 0, sizeof(*sc));
+	sc->p = body;
+	sc->end = body + body_len;
+	sc->utf8 = (GetDatabaseEncoding() == PG_UTF8);
+	if (memchr(body, '\0', body_len) != NULL)
+		return scan_fail(sc, "JSON text contains a NUL byte");
+	if (!pg_verifymbstr(body, (int) body_len, true))
+		return scan_fail(sc, "JSON text is not valid in the database encoding");
+	scan_ws(sc);
+	if (!scan_value(sc, R_ROOT, NULL, NULL))
+		return false;
+	scan_ws(sc);
+	if (sc->p != sc->end)
+		return scan_fail(sc, "text after the JSON value");
+	return true;
+}
+
+/* A scanned field as the signer saw it: "" when missing or null. */
+static inline void
+append_field(StringInfo buf, const AdyenField *f)
+{
+	if (f->kind == AF_SCALAR)
+		appendBinaryStringInfo(buf, f->text, (int) f->len);
+}
+
+static char *
+field_dup(const AdyenField *f)
+{
+	return f->kind == AF_SCALAR ? pnstrdup(f->text, f->len) : pstrdup("");
 }
 
 /* Does base64 text sig equal the base64 of HMAC-SHA256(key, msg) for any key? */
@@ -772,19 +1303,19 @@ adyen_signature_matches(const AdyenKeys *keys, const char *msg, size_t msglen,
  * and success, references for matching, and amounts in ISO minor units.
  */
 static void
-adyen_describe_item(const CrmpayAccount *account, const CrmpayJson *item,
+adyen_describe_item(const CrmpayAccount *account, const AdyenItem *item,
 					CrmpayWebhookEvent *event, const char *psp, const char *orig,
 					const char *merchant, const char *value, const char *currency,
 					const char *code, bool success)
 {
 	const char *our_merchant = account ? crmpay_setting(account, "merchant_account") : NULL;
-	const char *link_id = crmpay_json_str(item, "additionalData.paymentLinkId");
 	const AdyenCurrency *c = adyen_currency(currency);
 	int64		adyen_value = -1;
 	int64		iso_value = -1;
 	bool		is_authorisation = strcmp(code, "AUTHORISATION") == 0;
 
-	event->gateway_ref = crmpay_pstrdup_or_null(link_id);
+	if (item->f[F_LINK].kind == AF_SCALAR)
+		event->gateway_ref = field_dup(&item->f[F_LINK]);
 
 	/*
 	 * The payment's own pspReference: modifications name it
@@ -797,8 +1328,8 @@ adyen_describe_item(const CrmpayAccount *account, const CrmpayJson *item,
 	else if (success)
 		event->gateway_payment_ref = pstrdup(psp);
 	/* merchantReference is the link's reference (our order_ref) on payments only */
-	if (is_authorisation && crmpay_json_str(item, "merchantReference") != NULL)
-		event->order_ref = pstrdup(crmpay_json_str(item, "merchantReference"));
+	if (is_authorisation && item->f[F_REFERENCE].kind == AF_SCALAR)
+		event->order_ref = field_dup(&item->f[F_REFERENCE]);
 	if (*currency != '\0')
 		event->currency = pstrdup(currency);
 
@@ -858,78 +1389,69 @@ adyen_describe_item(const CrmpayAccount *account, const CrmpayJson *item,
 }
 
 /*
- * Checks and parses one NotificationRequestItem.  keys NULL: the delivery
- * was already authenticated as a whole (HmacSignature header).  With
- * describe false only authenticity is decided (crmpay.verify_signature).
+ * Checks one scanned NotificationRequestItem.  keys NULL: the delivery was
+ * already authenticated as a whole (HmacSignature header).  Returns NULL
+ * when authentic, else why not.  *signing is a reusable buffer.
  */
+static const char *
+adyen_check_item(const AdyenKeys *keys, const AdyenItem *item, int index, StringInfo signing)
+{
+	int			i;
+
+	if (!item->is_object)
+		return psprintf("item %d is not a NotificationRequestItem", index);
+	for (i = F_PSP; i <= F_SUCCESS; i++)
+		if (item->f[i].kind == AF_COMPOSITE)
+			return psprintf("item %d has a signed field that is not a scalar", index);
+	if (keys == NULL)
+		return NULL;
+	if (item->f[F_SIGNATURE].kind != AF_SCALAR)
+		return psprintf("item %d has no additionalData.hmacSignature", index);
+
+	resetStringInfo(signing);
+	for (i = F_PSP; i <= F_SUCCESS; i++)
+	{
+		if (i > F_PSP)
+			appendStringInfoChar(signing, ':');
+		append_field(signing, &item->f[i]);
+	}
+	if (!adyen_signature_matches(keys, signing->data, signing->len,
+								 item->f[F_SIGNATURE].text, item->f[F_SIGNATURE].len))
+		return psprintf("item %d: HMAC signature does not match", index);
+	return NULL;
+}
+
+/* The normalised event of one item (checked already: rejected says how). */
 static CrmpayWebhookEvent *
-adyen_item(const CrmpayAccount *account, const AdyenKeys *keys,
-		   const CrmpayJson *wrapper, int index, bool describe)
+adyen_item_event(const CrmpayAccount *account, const AdyenItem *item, const char *rejected)
 {
 	CrmpayWebhookEvent *event = crmpay_new_event();
-	const CrmpayJson *item = crmpay_json_member(wrapper, "NotificationRequestItem");
-	const char *psp,
+	char	   *psp,
 			   *orig,
-			   *merchant,
-			   *reference,
-			   *value,
-			   *currency,
 			   *code,
-			   *success,
-			   *sig;
+			   *success;
 
-	if (item == NULL || item->kind != CRMPAY_JSON_OBJECT)
-	{
-		event->rejected_reason = psprintf("item %d is not a NotificationRequestItem", index);
+	event->rejected_reason = rejected;
+	if (!item->is_object)
 		return event;
-	}
-	psp = field_text(item, "pspReference");
-	orig = field_text(item, "originalReference");
-	merchant = field_text(item, "merchantAccountCode");
-	reference = field_text(item, "merchantReference");
-	value = field_text(item, "amount.value");
-	currency = field_text(item, "amount.currency");
-	code = field_text(item, "eventCode");
-	success = field_text(item, "success");
-	if (!psp || !orig || !merchant || !reference || !value || !currency || !code || !success)
-	{
-		event->rejected_reason = psprintf("item %d has a signed field that is not a scalar", index);
-		return event;
-	}
-	if (describe && *psp != '\0' && *code != '\0')
+	psp = field_dup(&item->f[F_PSP]);
+	orig = field_dup(&item->f[F_ORIG]);
+	code = field_dup(&item->f[F_CODE]);
+	success = field_dup(&item->f[F_SUCCESS]);
+	if (*psp != '\0' && *code != '\0')
 	{
 		event->event_key = psprintf("%s:%s:%s:%s", psp, code, success, orig);
-		event->event_type = pstrdup(code);
+		event->event_type = code;
 	}
-
-	if (keys != NULL)
-	{
-		StringInfoData signing;
-
-		sig = crmpay_json_str(item, "additionalData.hmacSignature");
-		if (sig == NULL)
-		{
-			event->rejected_reason = psprintf("item %d has no additionalData.hmacSignature", index);
-			return event;
-		}
-		initStringInfo(&signing);
-		appendStringInfo(&signing, "%s:%s:%s:%s:%s:%s:%s:%s", psp, orig, merchant,
-						 reference, value, currency, code, success);
-		if (!adyen_signature_matches(keys, signing.data, signing.len, sig, strlen(sig)))
-		{
-			event->rejected_reason = psprintf("item %d: HMAC signature does not match", index);
-			return event;
-		}
-		pfree(signing.data);
-	}
-	if (!describe)
+	if (rejected != NULL)
 		return event;
 	if (*psp == '\0' || *code == '\0')
 	{
 		event->ignore_reason = "notification without pspReference or eventCode";
 		return event;
 	}
-	adyen_describe_item(account, item, event, psp, orig, merchant, value, currency,
+	adyen_describe_item(account, item, event, psp, orig, field_dup(&item->f[F_MERCHANT]),
+						field_dup(&item->f[F_VALUE]), field_dup(&item->f[F_CURRENCY]),
 						code, strcmp(success, "true") == 0);
 	return event;
 }
@@ -937,7 +1459,8 @@ adyen_item(const CrmpayAccount *account, const AdyenKeys *keys,
 /*
  * The work of receive_events and verify_webhook: authenticate (header or
  * per item) and, with describe, normalise.  NIL + *reason when the
- * delivery as a whole is unusable.
+ * delivery as a whole is unusable.  Without describe, returns a one-element
+ * list holding the first rejection (or NULL) when the delivery was read.
  */
 static List *
 adyen_process(const CrmpayAccount *account, const char *secret,
@@ -946,9 +1469,8 @@ adyen_process(const CrmpayAccount *account, const char *secret,
 {
 	AdyenKeys	keys;
 	const char *header_sig = crmpay_header_get(headers, "hmacsignature");
-	const char *error;
-	CrmpayJson *root;
-	const CrmpayJson *items;
+	AdyenScan	sc;
+	StringInfoData signing;
 	List	   *events = NIL;
 	int			i;
 
@@ -964,41 +1486,53 @@ adyen_process(const CrmpayAccount *account, const char *secret,
 		*reason = "HmacSignature header does not match the body";
 		return NIL;
 	}
-
-	root = crmpay_json_parse(body, body_len, &error);
-	if (root == NULL)
+	if (!adyen_scan(&sc, body, body_len))
 	{
 		explicit_bzero(&keys, sizeof(keys));
-		*reason = psprintf("malformed JSON: %s", error);
+		*reason = psprintf("malformed JSON: %s at byte %ld", sc.error, (long) (sc.p - body));
 		return NIL;
 	}
-	items = crmpay_json_member(root, "notificationItems");
-	if (items == NULL && header_sig != NULL)
+	if (!sc.has_items && header_sig != NULL)
 	{
 		/* an authentic webhook of another kind (Management, platforms...) */
 		CrmpayWebhookEvent *event = crmpay_new_event();
 		unsigned char digest[CRMPAY_MAX_MAC];
 		unsigned int dlen;
 		char		hex[2 * CRMPAY_MAX_MAC + 1];
-		const char *type = crmpay_json_str(root, "type");
 
 		explicit_bzero(&keys, sizeof(keys));
+		if (!describe)
+			return list_make1(NULL);
 		crmpay_digest("SHA256", body, body_len, digest, &dlen);
 		crmpay_hex_encode(digest, 16, hex);
 		hex[32] = '\0';
 		event->event_key = psprintf("body:%s", hex);
-		event->event_type = pstrdup(type ? type : "unknown");
+		event->event_type = sc.type.kind == AF_SCALAR ? field_dup(&sc.type) : "unknown";
 		return list_make1(event);
 	}
-	if (items == NULL || items->kind != CRMPAY_JSON_ARRAY || items->count == 0)
+	if (!sc.has_items || !sc.items_array || sc.nitems == 0)
 	{
 		explicit_bzero(&keys, sizeof(keys));
 		*reason = "not an Adyen notification (notificationItems required)";
 		return NIL;
 	}
-	for (i = 0; i < items->count; i++)
-		events = lappend(events, adyen_item(account, header_sig ? NULL : &keys,
-											items->items[i], i + 1, describe));
+	initStringInfo(&signing);
+	for (i = 0; i < sc.nitems; i++)
+	{
+		const char *rejected = adyen_check_item(header_sig ? NULL : &keys, &sc.items[i], i + 1, &signing);
+
+		if (describe)
+			events = lappend(events, adyen_item_event(account, &sc.items[i], rejected));
+		else if (rejected != NULL)
+		{
+			events = list_make1((void *) rejected);
+			break;
+		}
+	}
+	if (!describe && events == NIL)
+		events = list_make1(NULL);
+	explicit_bzero(signing.data, signing.maxlen);
+	pfree(signing.data);
 	explicit_bzero(&keys, sizeof(keys));
 	return events;
 }
@@ -1022,22 +1556,12 @@ adyen_verify_webhook(const char *secret, const CrmpayHeaders *headers,
 					 int64 tolerance_s, TimestampTz at)
 {
 	CrmpayVerifyResult result = {false, NULL};
-	List	   *events = adyen_process(NULL, secret, headers, body, body_len, false, &result.reason);
-	ListCell   *lc;
+	List	   *verdict = adyen_process(NULL, secret, headers, body, body_len, false, &result.reason);
 
-	if (events == NIL)
+	if (verdict == NIL)
 		return result;
-	foreach(lc, events)
-	{
-		CrmpayWebhookEvent *event = lfirst(lc);
-
-		if (event->rejected_reason != NULL)
-		{
-			result.reason = event->rejected_reason;
-			return result;
-		}
-	}
-	result.valid = true;
+	result.reason = linitial(verdict);
+	result.valid = (result.reason == NULL);
 	return result;
 }
 

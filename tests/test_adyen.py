@@ -793,3 +793,61 @@ def test_adversarial_deliveries_match_the_model(db):
         assert final[ref] == (p["status"], p["refunded"], p["psp"]), ref
     assert count(db, "SELECT count(*) FROM crmpay.events WHERE account = 'ady'") == expected_rows
     assert count(db, "SELECT count(*) FROM crmpay.events WHERE outcome = 'applied'") == applied_by_crmpay
+
+
+def test_scanner_accepts_exactly_the_json_crmpay_parses(db):
+    """Adyen bodies are read by a single-pass scanner (the hot path of
+    verification); it must accept exactly the JSON texts that crmpay's
+    general parser (the server's JSON lexer, used for every other gateway)
+    accepts.  Differential check over seeded mutations of tricky JSON: the
+    reference verdict is whether a Stripe delivery with the same body is
+    refused as malformed JSON."""
+    rng = random.Random(77)
+    stripe_secret = "whsec_scanner_differential"
+    db.execute("""SELECT crmpay.add_account('st', 'stripe', '{"secret_key": "sk_test_scan"}', %s,
+                  '{"success_url": "https://shop.example/ok"}')""", (stripe_secret,))
+    bases = [
+        '{"type": "merchant.updated", "n": [0, -1, 2.5, 1e10, -0.0e-3, 1E+2], "s": "a\\"b\\\\c\\/d\\b\\f\\n\\r\\t",'
+        ' "u": "\\u00e9\\u20ac\\ud83d\\ude00 \u00e9\u20ac", "t": true, "f": false, "z": null, "o": {"a": [[], {}]}}',
+        '[1, "x", {"k": [true, null, {"d": {"e": ["\\u0041"]}}]}]',
+        '{"notificationItems": [{"NotificationRequestItem": {"amount": {"value": 1, "currency": "EUR"}}}], "live": "false"}',
+        '  \n\t{"a":1}\r\n ',
+        '"just a string"',
+    ]
+    alphabet = list('{}[]",:\\/ 0123456789-+.eEtrufalsn\t\nu') + ["\\u", "\\ud800", "\\udc00", "\\u0000",
+                                                                   "\u00e9", "\x01", "1e", "tru", "nul"]
+    bodies = []
+    for _ in range(4000):
+        body = rng.choice(bases)
+        for _ in range(rng.randrange(0, 4)):
+            pos = rng.randrange(len(body) + 1)
+            op = rng.random()
+            if op < 0.4:
+                body = body[:pos] + rng.choice(alphabet) + body[pos:]
+            elif op < 0.7:
+                body = body[:pos] + body[pos + 1:]
+            else:
+                body = body[:pos] + rng.choice(alphabet) + body[pos + 1:]
+        bodies.append(body)
+    bodies += ['{"a": ' + "[" * 64 + "]" * 64 + "}", "[" * 64 + "]" * 64, "[" * 65 + "]" * 65, "", " ",
+               '{"a": 01}', '{"a": -}', '{"a": 1.}', '{"a": .5}', '{"a": "\\x"}', '{"a": "\\u12G4"}',
+               '{"a": 1}x', '{"a" 1}', '{,}', '[1,]', '{"a": "\\ud83d\\u0041"}', "\ufeff{}"]
+    now = int(time.time())
+    stripe_headers = [json.dumps({"Stripe-Signature": "t=%d,v1=%s" % (
+        now, hmac.new(stripe_secret.encode(), f"{now}.{b}".encode(), hashlib.sha256).hexdigest())}) for b in bodies]
+    adyen_headers = [json.dumps({"HmacSignature": base64.b64encode(hmac.new(
+        binascii.unhexlify(HMAC_KEY), b.encode(), hashlib.sha256).digest()).decode()}) for b in bodies]
+    db.execute("""SELECT crmpay.add_account('ad', 'adyen', '{"api_key": "AQE_scan_0123"}', %s,
+                  '{"merchant_account": "ShopECOM", "return_url": "https://shop.example/paid"}')""", (HMAC_KEY,))
+    rows = db.execute("""
+        SELECT n, (SELECT reply FROM crmpay.receive_webhook('ad', ah::jsonb, b) LIMIT 1),
+               (SELECT reply FROM crmpay.receive_webhook('st', sh::jsonb, b))
+          FROM unnest(%s::text[], %s::text[], %s::text[]) WITH ORDINALITY AS t(b, sh, ah, n) ORDER BY n""",
+                      (bodies, stripe_headers, adyen_headers)).fetchall()
+    valid = 0
+    for n, adyen_reply, stripe_reply in rows:
+        parsed = not stripe_reply.startswith("malformed JSON")
+        assert adyen_reply is not None and stripe_reply is not None
+        assert (not adyen_reply.startswith("malformed JSON")) == parsed, (bodies[n - 1], adyen_reply, stripe_reply)
+        valid += parsed
+    assert 200 < valid < len(bodies) - 200     # both kinds are well represented
