@@ -26,14 +26,13 @@
 #include "utils/memutils.h"
 
 /* Gateways accepted by add_account that have no implementation yet. */
-static const CrmpayProvider adyen_placeholder = {.name = "adyen"};
 
 /* The registry: one line per gateway. */
 static const CrmpayProvider *const providers[] = {
 	&crmpay_stripe_provider,
 	&crmpay_paypal_provider,
 	&crmpay_braintree_provider,
-	&adyen_placeholder,
+	&crmpay_adyen_provider,
 	&crmpay_redsys_provider,
 };
 

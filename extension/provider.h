@@ -89,10 +89,18 @@ typedef struct CrmpayWebhookEvent
 	char	   *currency;		/* upper-case; NULL when not given */
 	int64		refunded_minor; /* cumulative refunded amount, -1 if n/a */
 	int64		refund_minor;	/* one refund's own amount, for gateways that
-								 * report refunds singly (Redsys); the intake
-								 * adds it to the payment's refunded total and
-								 * picks refunded/partially_refunded; -1 if n/a */
+								 * report refunds one by one (Adyen, Redsys);
+								 * webhook.c adds it to the payment's refunded
+								 * total, which decides refunded or
+								 * partially_refunded; -1 if n/a */
 	const char *follow_up;		/* gateway call due once applied ("capture"), or NULL */
+	const char *rejected_reason;	/* non-NULL: this event failed its own
+									 * authenticity check (one item of a
+									 * batch); recorded as rejected, never
+									 * applied */
+	const char *ignore_reason;	/* non-NULL: authentic but not applicable
+								 * (other merchant account, amount not
+								 * representable...); recorded as ignored */
 } CrmpayWebhookEvent;
 
 /* Result of checking a delivery's authenticity. */
@@ -173,6 +181,38 @@ typedef struct CrmpayProvider
 												  const CrmpayHeaders *headers,
 												  const char *body, size_t body_len,
 												  int64 tolerance_s, TimestampTz at);
+
+	/*
+	 * Optional, for gateways that sign each event of a batch on its own
+	 * (Adyen): checks and parses a delivery in one pass.  Returns every
+	 * event, each one that fails its own check carrying rejected_reason;
+	 * NIL + *reason when the delivery as a whole is unusable.  account is
+	 * the receiving account (NULL from crmpay.verify_signature).  When set,
+	 * receive_webhook uses it instead of verify_webhook + parse_webhook.
+	 */
+	List	   *(*receive_events) (const struct CrmpayAccount *account,
+								   const char *secret,
+								   const CrmpayHeaders *headers,
+								   const char *body, size_t body_len,
+								   int64 tolerance_s, TimestampTz at,
+								   const char **reason);
+
+	/*
+	 * Optional link lookups (crmpay.refresh_payment, expire_payment_link):
+	 * build the request that reads a link's current state, the one that
+	 * expires it, and read either 2xx answer into *result (status and
+	 * expires_at; gateway_ref and url may stay NULL).
+	 */
+	void		(*build_get_link) (const struct CrmpayAccount *account,
+								   const char *gateway_ref,
+								   CrmpayHttpRequest *out);
+	void		(*build_expire_link) (const struct CrmpayAccount *account,
+									  const char *gateway_ref,
+									  CrmpayHttpRequest *out);
+	bool		(*parse_link_state) (const struct CrmpayAccount *account,
+									 const CrmpayHttpResponse *response,
+									 CrmpayLinkResult *result,
+									 CrmpayGatewayFailure *failure);
 } CrmpayProvider;
 
 extern const CrmpayProvider *crmpay_find_provider(const char *name,
@@ -215,5 +255,6 @@ extern int	crmpay_iso_exponent(const char *currency);
 extern bool crmpay_decimal_to_minor(const char *value, int exponent,
 									int64 *out);
 extern char *crmpay_minor_to_decimal(int64 amount_minor, int exponent);
+extern const CrmpayProvider crmpay_adyen_provider;
 
 #endif							/* CRMPAY_PROVIDER_H */

@@ -366,7 +366,7 @@ class Model:
         if event["Ds_TransactionType"] == "3":
             if p["status"] not in ("paid", "partially_refunded"):
                 return ("ignored", 200)
-            p["refunded"] += int(event["Ds_Amount"])
+            p["refunded"] = min(p["amount"], p["refunded"] + int(event["Ds_Amount"]))  # never above the amount
             new = "refunded" if p["refunded"] >= p["amount"] else "partially_refunded"
             old, p["status"] = p["status"], new
             self.applied.add(key)
