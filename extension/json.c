@@ -335,51 +335,83 @@ crmpay_json_from_jsonb_datum(Datum jsonb_datum)
  *		Names are matched case-insensitively later, so they are lower-cased
  *		here.  A value may also be an array of strings (a header repeated);
  *		its parts are joined with ", " as HTTP allows.  Other value types are
- *		ignored.
+ *		ignored.  Walks the jsonb directly: this runs for every delivery and
+ *		every crmpay.verify_signature() call.
  */
 CrmpayHeaders *
 crmpay_headers_from_jsonb(Datum jsonb)
 {
-	CrmpayJson *tree = crmpay_json_from_jsonb_datum(jsonb);
+	Jsonb	   *in = DatumGetJsonbP(jsonb);
 	CrmpayHeaders *headers = palloc0(sizeof(CrmpayHeaders));
-	int			i;
+	JsonbIterator *it;
+	JsonbValue	v;
+	JsonbIteratorToken tok;
+	char	   *name = NULL;
+	StringInfoData joined;
+	int			capacity;
+	int			depth = 0;
+	bool		in_array = false;
 
-	if (tree->kind != CRMPAY_JSON_OBJECT)
+	if (!JB_ROOT_IS_OBJECT(in) || JB_ROOT_IS_SCALAR(in))
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("webhook headers must be a JSON object"),
 				 errhint("Pass the request's headers as {\"Header-Name\": \"value\", ...}.")));
 
-	headers->items = palloc0(sizeof(CrmpayHeader) * Max(tree->count, 1));
-	for (i = 0; i < tree->count; i++)
+	capacity = Max(JB_ROOT_COUNT(in), 1);
+	headers->items = palloc0(sizeof(CrmpayHeader) * capacity);
+	initStringInfo(&joined);
+	it = JsonbIteratorInit(&in->root);
+	while ((tok = JsonbIteratorNext(&it, &v, false)) != WJB_DONE)
 	{
-		CrmpayJson *value = tree->items[i];
-		char	   *text = NULL;
-
-		if (value->kind == CRMPAY_JSON_STRING)
-			text = value->text;
-		else if (value->kind == CRMPAY_JSON_ARRAY)
+		switch (tok)
 		{
-			StringInfoData buf;
-			int			j;
-
-			initStringInfo(&buf);
-			for (j = 0; j < value->count; j++)
-			{
-				if (value->items[j]->kind != CRMPAY_JSON_STRING)
-					continue;
-				if (buf.len > 0)
-					appendStringInfoString(&buf, ", ");
-				appendStringInfoString(&buf, value->items[j]->text);
-			}
-			text = buf.data;
+			case WJB_BEGIN_OBJECT:
+			case WJB_BEGIN_ARRAY:
+				depth++;
+				if (depth == 2 && tok == WJB_BEGIN_ARRAY && name != NULL)
+				{
+					in_array = true;
+					resetStringInfo(&joined);
+				}
+				break;
+			case WJB_END_OBJECT:
+			case WJB_END_ARRAY:
+				if (depth == 2 && in_array)
+				{
+					headers->items[headers->count].name = name;
+					headers->items[headers->count].value = pstrdup(joined.data);
+					headers->count++;
+					in_array = false;
+				}
+				depth--;
+				break;
+			case WJB_KEY:
+				if (depth == 1)
+					name = asc_tolower(v.val.string.val, v.val.string.len);
+				break;
+			case WJB_VALUE:
+				/* a scalar member of the top object */
+				if (depth == 1 && v.type == jbvString)
+				{
+					headers->items[headers->count].name = name;
+					headers->items[headers->count].value = pnstrdup(v.val.string.val, v.val.string.len);
+					headers->count++;
+				}
+				break;
+			case WJB_ELEM:
+				if (depth == 2 && in_array && v.type == jbvString)
+				{
+					if (joined.len > 0)
+						appendStringInfoString(&joined, ", ");
+					appendBinaryStringInfo(&joined, v.val.string.val, v.val.string.len);
+				}
+				break;
+			default:
+				break;
 		}
-		if (text == NULL)
-			continue;
-		headers->items[headers->count].name = asc_tolower(tree->keys[i], strlen(tree->keys[i]));
-		headers->items[headers->count].value = text;
-		headers->count++;
 	}
+	pfree(joined.data);
 	return headers;
 }
 

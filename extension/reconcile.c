@@ -812,7 +812,10 @@ crmpay_reconcile_fetch(PG_FUNCTION_ARGS)
 			break;
 		}
 		ctx.what = req.what;
-		crmpay_http_perform(&req.http, &response);
+		memset(&response, 0, sizeof(response));
+		if (!crmpay_gateway_call(account, &req.http, &response, &failure) && response.status == 0 &&
+			response.transport == CRMPAY_TRANSPORT_OK)
+			raise_fetch_failure(account, &failure); /* no credentials (authorize) */
 		wipe_request(&req);
 		if (!driver_absorb(&run, account, &st, &req, &response, &failure))
 			raise_fetch_failure(account, &failure);
@@ -1306,6 +1309,8 @@ typedef struct StepRun
 	DriverState st;
 	DriverRequest req;
 	bool		have_request;
+	bool		resend;			/* send the same request again (new token) */
+	bool		reauthorized;
 	CrmpayHttpResponse response;
 	CrmpayGatewayFailure failure;
 	bool		gateway_failed;
@@ -1346,6 +1351,18 @@ step_begin(void *arg)
 }
 
 /* Builds the next request (in pagecxt, which outlives the transaction). */
+/*
+ * Lets the provider add its credentials (an OAuth token: that may need the
+ * database, so it happens here, inside the step's transaction).
+ */
+static void
+step_authorize(StepRun *s, const CrmpayAccount *account, bool refresh)
+{
+	if (account->provider->authorize != NULL &&
+		!account->provider->authorize(account, &s->req.http, refresh, &s->failure))
+		s->gateway_failed = true;
+}
+
 static void
 step_prepare(void *arg)
 {
@@ -1353,7 +1370,10 @@ step_prepare(void *arg)
 	CrmpayAccount *account = crmpay_load_account(s->run.account, false);
 	MemoryContext old = MemoryContextSwitchTo(s->pagecxt);
 
+	s->reauthorized = false;
 	s->have_request = driver_prepare(&s->run, account, &s->st, &s->req);
+	if (s->have_request)
+		step_authorize(s, account, false);
 	MemoryContextSwitchTo(old);
 }
 
@@ -1364,6 +1384,22 @@ step_absorb(void *arg)
 	CrmpayAccount *account = crmpay_load_account(s->run.account, false);
 	MemoryContext old = MemoryContextSwitchTo(s->pagecxt);
 
+	/* a token the gateway no longer takes: a fresh one, and the same request again */
+	s->resend = false;
+	if (account->provider->authorize != NULL && !s->reauthorized &&
+		s->response.transport == CRMPAY_TRANSPORT_OK && s->response.status == 401)
+	{
+		s->reauthorized = true;
+		s->req.http.headers = NIL;
+		if (s->st.phase == PHASE_LIST)
+			account->provider->build_list_records(account, &s->st.list, &s->req.http);
+		else
+			(void) account->provider->build_query_order(account, s->req.order, &s->req.http);
+		step_authorize(s, account, true);
+		s->resend = !s->gateway_failed;
+		MemoryContextSwitchTo(old);
+		return;
+	}
 	if (!driver_absorb(&s->run, account, &s->st, &s->req, &s->response, &s->failure))
 	{
 		s->gateway_failed = true;
@@ -1485,23 +1521,32 @@ run_in_steps(const StepHost *host, const char *account, TimestampTz since,
 			for (;;)
 			{
 				CHECK_FOR_INTERRUPTS();
-				MemoryContextReset(s->pagecxt);
-				r = run_step(host, cxt, step_prepare, s);
-				if (!r.ok || !s->have_request)
-					break;
-				/* no transaction, no snapshot while the gateway answers */
-				host->commit();
+				if (!s->resend)
+					MemoryContextReset(s->pagecxt);
+				if (!s->resend)
 				{
-					MemoryContext old = MemoryContextSwitchTo(s->pagecxt);
-
-					crmpay_http_perform(&s->req.http, &s->response);
-					wipe_request(&s->req);
-					MemoryContextSwitchTo(old);
+					r = run_step(host, cxt, step_prepare, s);
+					if (!r.ok || !s->have_request)
+						break;
 				}
-				host->begin();
-				r = run_step(host, cxt, step_absorb, s);
-				if (!r.ok)
-					break;
+				if (!s->gateway_failed)
+				{
+					/* no transaction, no snapshot while the gateway answers */
+					host->commit();
+					{
+						MemoryContext old = MemoryContextSwitchTo(s->pagecxt);
+
+						crmpay_http_perform(&s->req.http, &s->response);
+						wipe_request(&s->req);
+						MemoryContextSwitchTo(old);
+					}
+					host->begin();
+					r = run_step(host, cxt, step_absorb, s);
+					if (!r.ok)
+						break;
+					if (s->resend)
+						continue;
+				}
 				if (s->gateway_failed)
 				{
 					s->failure_what = s->req.what;
