@@ -235,28 +235,53 @@ CREATE TYPE crmpay._recon_key AS (
     disputed           boolean,
     currency_min       text,
     currency_max       text,
-    in_window          boolean
+    in_window          boolean,
+    payment_id         bigint,
+    order_ref_is_key   boolean     -- order_ref is match_key (not repeated)
 );
 
-/* Rank of a status as evidence (higher = further along); inlined. */
-CREATE FUNCTION crmpay._recon_rank(status text) RETURNS integer
-    LANGUAGE sql IMMUTABLE PARALLEL SAFE
-RETURN CASE status WHEN 'paid' THEN 7 WHEN 'refunded' THEN 7 WHEN 'partially_refunded' THEN 7
-                   WHEN 'disputed' THEN 7 WHEN 'processing' THEN 5 WHEN 'failed' THEN 4
-                   WHEN 'canceled' THEN 3 WHEN 'expired' THEN 3 WHEN 'open' THEN 2
-                   WHEN 'link_pending' THEN 1 END;
+/*
+ * _recon_agg: folds an order's gateway records and its CRM payment (side
+ * 'r' / 'p' of a UNION ALL grouped by the match key) into its gateway view;
+ * NULL when the order is plainly clean (extension/reconcile_agg.c).  Also
+ * counts, for _recon_stats(), what the statement loaded.
+ */
+CREATE FUNCTION crmpay._recon_trans(internal, key text, side "char", record_type text, status text,
+                                    amount bigint, currency text, refunded bigint, record_ref text,
+                                    order_ref text, gateway_ref text, gateway_payment_ref text,
+                                    at timestamptz, line_no integer, payment_id bigint,
+                                    fin_currency text, fin_amount bigint, fee bigint, net bigint,
+                                    since timestamptz, until timestamptz)
+    RETURNS internal
+    LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'crmpay_recon_trans';
+CREATE FUNCTION crmpay._recon_final(internal) RETURNS crmpay._recon_key
+    LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'crmpay_recon_final';
+CREATE AGGREGATE crmpay._recon_agg(key text, side "char", record_type text, status text,
+                                   amount bigint, currency text, refunded bigint, record_ref text,
+                                   order_ref text, gateway_ref text, gateway_payment_ref text,
+                                   at timestamptz, line_no integer, payment_id bigint,
+                                   fin_currency text, fin_amount bigint, fee bigint, net bigint,
+                                   since timestamptz, until timestamptz) (
+    SFUNC = crmpay._recon_trans, STYPE = internal, SSPACE = 256,
+    FINALFUNC = crmpay._recon_final
+);
+CREATE FUNCTION crmpay._recon_stats_reset() RETURNS void
+    LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'crmpay_recon_stats_reset';
+CREATE FUNCTION crmpay._recon_stats(OUT loaded bigint, OUT keyed bigint, OUT payments_checked bigint,
+                                    OUT totals jsonb)
+    LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'crmpay_recon_stats';
 
 /*
  * _recon_classify: the discrepancies of one candidate (a match key, its
  * payment, or both), with the safe fix when there is one.  Only the few
  * rows the set-based pass could not pass as clean get here.
  */
-CREATE FUNCTION crmpay._recon_classify(k crmpay._recon_key, p crmpay.payments,
+CREATE FUNCTION crmpay._recon_classify(match_key text, k crmpay._recon_key, p crmpay.payments,
                                        window_start timestamptz, window_end timestamptz,
                                        match_on text)
     RETURNS TABLE (kind text, heal_action text, gateway_status text,
                    gateway_amount_minor bigint, gateway_currency text, detail text, evidence jsonb)
-    LANGUAGE plpgsql STABLE
+    LANGUAGE plpgsql STABLE ROWS 1
     SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -272,7 +297,11 @@ DECLARE
     v_refs text;
     v_ev jsonb;
 BEGIN
-    IF (k).match_key IS NOT NULL THEN
+    k.match_key := match_key;
+    IF k.order_ref_is_key THEN
+        k.order_ref := match_key;
+    END IF;
+    IF coalesce(k.records, 0) > 0 THEN
         v_money_g := k.paid_count > 0 OR k.link_status = 'paid' OR k.refunded_minor > 0 OR k.disputed;
         v_amount := CASE WHEN k.paid_count > 0 THEN k.paid_max_minor ELSE k.link_amount_minor END;
         v_currency := k.currency_max;
@@ -311,11 +340,11 @@ BEGIN
     v_money_crm := p.status = ANY (money_statuses);
 
     -- CRM only
-    IF (k).match_key IS NULL THEN
+    IF coalesce(k.records, 0) = 0 THEN
         IF v_money_crm AND p.created_at >= window_start AND p.created_at < window_end THEN
             RETURN QUERY SELECT 'missing_at_gateway', NULL::text, NULL::text, NULL::bigint, NULL::text,
-                format('CRM payment %s (order %s) is %s, but the gateway reported nothing for it between %s and %s.',
-                       p.id, p.order_ref, p.status, window_start, window_end),
+                format('The CRM has order %s as %s, but the gateway reported nothing for it between %s and %s.',
+                       p.order_ref, p.status, window_start, window_end),
                 jsonb_build_object('match_key', CASE match_on WHEN 'order_ref' THEN p.order_ref
                                                               WHEN 'gateway_ref' THEN p.gateway_ref
                                                               ELSE p.gateway_payment_ref END);
@@ -397,14 +426,15 @@ END
 $$;
 
 /*
- * _reconcile_match: the set-based pass.  Gateway records of the run (and
- * imported report records in its window) are aggregated per match key and
- * hash-joined (FULL JOIN) with the account's payments created in the
- * window; rows that are plainly clean are dropped inside the join, the
- * rest (normally well under 1%) are classified and stored as items.
- * Records whose payment was created outside the window are looked up by
- * the match key's index.  The best status per key is a max() over
- * "rank:status" strings: no per-group sorting.
+ * _reconcile_match: the set-based pass.  The run's gateway records (and
+ * imported report records of its window) and the account's payments of the
+ * window, as one UNION ALL grouped by the match key: a single hash table
+ * gives both sides of every order, like a FULL OUTER JOIN, and
+ * crmpay._recon_agg folds each order into its gateway view, passing the
+ * plainly clean ones (normally over 99 %) as NULL.  The few others get
+ * their payment (by id, or, for a payment created before the window, by the
+ * key's index), are classified (_recon_classify) and stored as items.
+ * The aggregate counts records, payments and money per currency on the way.
  */
 CREATE FUNCTION crmpay._reconcile_match(run_id bigint) RETURNS void
     LANGUAGE plpgsql VOLATILE
@@ -423,6 +453,8 @@ DECLARE
     v_checked bigint;
     v_totals jsonb;
     v_work_mem text := current_setting('work_mem');
+    v_jit text := current_setting('jit');
+    v_sort text := current_setting('enable_sort');
 BEGIN
     SELECT * INTO STRICT r FROM crmpay.reconciliation_runs WHERE id = _reconcile_match.run_id;
     UPDATE crmpay.reconciliation_runs SET phase = 'matching', heartbeat_at = clock_timestamp()
@@ -434,139 +466,77 @@ BEGIN
     v_lo := r.window_start - r.margin;
     v_hi := r.window_end + r.margin;
     PERFORM set_config('work_mem', current_setting('crmpay.reconcile_work_mem'), true);
+    -- one statement, run once: compiling it (JIT) costs more than it saves;
+    -- and grouping is by hashing (a sort of every order would be slower)
+    PERFORM set_config('jit', 'off', true);
+    PERFORM set_config('enable_sort', 'off', true);
 
+    PERFORM crmpay._recon_stats_reset();
     EXECUTE format($q$
-    WITH g AS (
-        SELECT x.match_key,
-               count(*)::integer AS records,
-               min(x.line_no) AS first_line,
-               min(x.order_ref) AS order_ref,
-               min(x.gateway_ref) AS gateway_ref,
-               min(x.gateway_payment_ref) AS gateway_payment_ref,
-               max(x.ranked) FILTER (WHERE x.record_type = 'link') AS link_best,
-               max(x.amount_minor) FILTER (WHERE x.record_type = 'link') AS link_amount_minor,
-               max(x.ranked) FILTER (WHERE x.record_type = 'charge' AND NOT x.paid) AS charge_best,
-               count(*) FILTER (WHERE x.paid)::integer AS paid_count,
-               min(x.amount_minor) FILTER (WHERE x.paid) AS paid_min_minor,
-               max(x.amount_minor) FILTER (WHERE x.paid) AS paid_max_minor,
-               sum(x.amount_minor) FILTER (WHERE x.paid)::bigint AS paid_total_minor,
-               min(x.record_ref) FILTER (WHERE x.paid) AS paid_first_ref,
-               max(x.record_ref) FILTER (WHERE x.paid) AS paid_last_ref,
-               min(x.occurred_at) FILTER (WHERE x.paid) AS paid_at,
-               greatest(coalesce(max(x.refunded_minor) FILTER (WHERE x.record_type = 'charge'), 0),
-                        coalesce(sum(x.amount_minor) FILTER (WHERE x.record_type = 'refund'), 0))::bigint
-                   AS refunded_minor,
-               coalesce(bool_or(x.record_type = 'charge' AND x.refunded_minor IS NOT NULL), false) AS refund_known,
-               coalesce(bool_or(x.record_type = 'chargeback' OR x.status = 'disputed'), false) AS disputed,
-               min(x.currency) FILTER (WHERE x.record_type <> 'balance') AS currency_min,
-               max(x.currency) FILTER (WHERE x.record_type <> 'balance') AS currency_max,
-               coalesce(bool_or(x.occurred_at IS NULL OR (x.occurred_at >= $3 AND x.occurred_at < $4)), false)
-                   AS in_window
-          FROM (SELECT y.*, crmpay._recon_rank(y.status) || ':' || y.status AS ranked,
-                       (y.record_type = 'charge'
-                        AND y.status IN ('paid', 'partially_refunded', 'refunded', 'disputed')) AS paid
-                  FROM (SELECT match_key, line_no, order_ref, gateway_ref, gateway_payment_ref, record_type,
-                               record_ref, status, amount_minor, currency, refunded_minor, occurred_at
+    WITH c AS MATERIALIZED (
+        SELECT s.key, s.k
+          FROM (SELECT u.key,
+                       crmpay._recon_agg(u.key, u.side, u.record_type, u.status, u.amount_minor, u.currency,
+                                         u.refunded_minor, u.record_ref, u.order_ref, u.gateway_ref,
+                                         u.gateway_payment_ref, u.at, u.line_no, u.payment_id, u.fin_currency,
+                                         u.fin_amount_minor, u.fee_minor, u.net_minor, $3, $4) AS k
+                  FROM (SELECT match_key AS key, 'r'::"char" AS side, record_type, status, amount_minor,
+                               currency, refunded_minor, record_ref, order_ref, gateway_ref,
+                               gateway_payment_ref, occurred_at AS at, line_no, NULL::bigint AS payment_id,
+                               fin_currency, fin_amount_minor, fee_minor, net_minor
                           FROM crmpay.gateway_records
-                         WHERE run_id = $1 AND match_key IS NOT NULL
+                         WHERE run_id = $1
                         UNION ALL
-                        SELECT match_key, line_no, order_ref, gateway_ref, gateway_payment_ref, record_type,
-                               record_ref, status, amount_minor, currency, refunded_minor, occurred_at
+                        SELECT match_key, 'r', record_type, status, amount_minor, currency, refunded_minor,
+                               record_ref, order_ref, gateway_ref, gateway_payment_ref, occurred_at, line_no,
+                               NULL, fin_currency, fin_amount_minor, fee_minor, net_minor
                           FROM crmpay.gateway_records
-                         WHERE import_id IS NOT NULL AND account = $2 AND match_key IS NOT NULL
-                           AND occurred_at >= $5 AND occurred_at < $6) y) x
-         GROUP BY x.match_key
-    ), c AS MATERIALIZED (
-        SELECT g.*, p.id AS payment_id
-          FROM g
-          FULL JOIN (SELECT q.id, q.%1$I AS key, q.amount_minor, q.currency, q.status, q.refunded_minor,
-                            q.created_at
-                       FROM crmpay.payments q
-                      WHERE q.account = $2 AND q.created_at >= $5 AND q.created_at < $6) p
-            ON p.key = g.match_key
-         WHERE CASE
-               WHEN g.match_key IS NULL THEN
-                   p.created_at >= $3 AND p.created_at < $4
-                   AND p.status IN ('paid', 'partially_refunded', 'refunded', 'disputed')
-               WHEN p.id IS NULL THEN true
-               ELSE NOT coalesce(
-                   g.currency_min = p.currency AND g.currency_max = p.currency
-                   AND g.paid_count <= 1 AND NOT g.disputed
-                   AND ((g.paid_count = 1 AND g.paid_min_minor = p.amount_minor
-                         AND p.status IN ('paid', 'partially_refunded', 'refunded', 'disputed')
-                         AND g.refunded_minor = p.refunded_minor
-                         AND (g.link_best IS NULL OR g.link_best LIKE '7:%%')
-                         AND coalesce(g.link_amount_minor, p.amount_minor) = p.amount_minor)
-                        OR (g.paid_count = 0 AND g.refunded_minor = 0
-                            AND g.link_best IN ('2:open', '3:expired', '3:canceled')
-                            AND substr(g.link_best, 3) = p.status
-                            AND coalesce(g.charge_best, '2:open') IN ('2:open', '4:failed')
-                            AND coalesce(g.link_amount_minor, p.amount_minor) = p.amount_minor)),
-                   false)
-               END
+                         WHERE import_id IS NOT NULL AND account = $2 AND occurred_at >= $5 AND occurred_at < $6
+                        UNION ALL
+                        SELECT q.%1$I, 'p', NULL, q.status, q.amount_minor, q.currency, q.refunded_minor, NULL,
+                               NULL, NULL, NULL, q.created_at, NULL, q.id, NULL, NULL, NULL, NULL
+                          FROM crmpay.payments q
+                         WHERE q.account = $2 AND q.created_at >= $5 AND q.created_at < $6) u
+                 GROUP BY u.key) s
+         WHERE (s.k).records IS NOT NULL      -- (a composite IS NOT NULL only if every field is)
     ), m AS MATERIALIZED (
-        SELECT c.match_key, c.records, pp.q AS pay,
-               ROW(c.match_key, c.records, c.first_line, c.order_ref, c.gateway_ref, c.gateway_payment_ref,
-                   substr(c.link_best, 3), c.link_amount_minor, substr(c.charge_best, 3),
-                   c.paid_count, c.paid_min_minor, c.paid_max_minor, c.paid_total_minor, c.paid_first_ref,
-                   c.paid_last_ref, c.paid_at, c.refunded_minor, c.refund_known, c.disputed, c.currency_min,
-                   c.currency_max, c.in_window)::crmpay._recon_key AS k
+        -- the payment, or (a record of a payment created outside the window)
+        -- the one with that key anywhere, by its index
+        SELECT c.key, c.k, pp.q AS pay
           FROM c
           LEFT JOIN LATERAL (
-                SELECT q FROM crmpay.payments q WHERE q.id = c.payment_id
+                SELECT q FROM crmpay.payments q WHERE q.id = (c.k).payment_id
                 UNION ALL
                 SELECT q FROM crmpay.payments q
-                 WHERE c.payment_id IS NULL AND q.account = $2 AND q.%1$I = c.match_key
+                 WHERE (c.k).payment_id IS NULL AND q.account = $2 AND q.%1$I = c.key
                 LIMIT 1) pp ON true
     ), ins AS (
         INSERT INTO crmpay.reconciliation_items
             (run_id, kind, payment_id, order_ref, gateway_ref, crm_amount_minor, gateway_amount_minor,
              crm_currency, gateway_currency, crm_status, gateway_status, detail, evidence, heal_action)
-        SELECT $1, d.kind, (m.pay).id, coalesce((m.pay).order_ref, (m.k).order_ref),
+        SELECT $1, d.kind, (m.pay).id,
+               coalesce((m.pay).order_ref, (m.k).order_ref, CASE WHEN (m.k).order_ref_is_key THEN m.key END),
                coalesce((m.k).gateway_payment_ref, (m.k).gateway_ref, (m.k).paid_first_ref, (m.pay).gateway_ref),
                (m.pay).amount_minor, d.gateway_amount_minor, (m.pay).currency, d.gateway_currency,
                (m.pay).status, d.gateway_status, d.detail, d.evidence,
                CASE WHEN $7 THEN d.heal_action END
-          FROM m CROSS JOIN LATERAL crmpay._recon_classify(m.k, m.pay, $3, $4, $8) d
+          FROM m CROSS JOIN LATERAL crmpay._recon_classify(m.key, m.k, m.pay, $3, $4, $8) d
         RETURNING kind
     )
-    SELECT (SELECT coalesce(sum(m.records), 0) FROM m WHERE m.pay IS NULL AND m.match_key IS NOT NULL),
+    SELECT (SELECT coalesce(sum((m.k).records), 0) FROM m WHERE m.pay IS NULL),
            (SELECT coalesce(jsonb_object_agg(i.kind, i.n), '{}')
               FROM (SELECT ins.kind, count(*) AS n FROM ins GROUP BY ins.kind) i)
     $q$, v_col)
     INTO v_unmatched, v_counts
     USING r.id, r.account, r.window_start, r.window_end, v_lo, v_hi, r.heal, r.match_on;
 
-    -- records loaded (the margin included)
-    SELECT count(*), count(a.match_key) INTO v_loaded, v_keyed
-      FROM (SELECT match_key FROM crmpay.gateway_records WHERE gateway_records.run_id = r.id
-            UNION ALL
-            SELECT match_key FROM crmpay.gateway_records
-             WHERE import_id IS NOT NULL AND account = r.account
-               AND occurred_at >= v_lo AND occurred_at < v_hi) a;
-    -- the gateway's money per currency: records of the window proper
-    SELECT coalesce(jsonb_object_agg(t.fin_currency, t.totals), '{}') INTO v_totals
-      FROM (SELECT b.fin_currency,
-                   jsonb_strip_nulls(jsonb_build_object(
-                       'gross', sum(b.fin_amount_minor) FILTER (WHERE b.fin_amount_minor > 0
-                                                                 AND b.record_type <> 'refund'),
-                       'refunds', -sum(b.fin_amount_minor) FILTER (WHERE b.record_type = 'refund'),
-                       'fees', sum(b.fee_minor), 'net', sum(b.net_minor), 'records', count(*))) AS totals
-              FROM (SELECT fin_currency, record_type, fin_amount_minor, fee_minor, net_minor
-                      FROM crmpay.gateway_records
-                     WHERE gateway_records.run_id = r.id AND fin_currency IS NOT NULL
-                       AND (occurred_at IS NULL OR (occurred_at >= r.window_start AND occurred_at < r.window_end))
-                    UNION ALL
-                    SELECT fin_currency, record_type, fin_amount_minor, fee_minor, net_minor
-                      FROM crmpay.gateway_records
-                     WHERE import_id IS NOT NULL AND account = r.account AND fin_currency IS NOT NULL
-                       AND occurred_at >= r.window_start AND occurred_at < r.window_end) b
-             GROUP BY b.fin_currency) t;
-    SELECT count(*) INTO v_checked FROM crmpay.payments
-     WHERE account = r.account AND created_at >= r.window_start AND created_at < r.window_end;
+    SELECT st.loaded, st.keyed, st.totals INTO v_loaded, v_keyed, v_totals FROM crmpay._recon_stats() st;
+    SELECT st.payments_checked INTO v_checked FROM crmpay._recon_stats() st;
     v_discrepancies := (SELECT coalesce(sum(value::bigint), 0) FROM jsonb_each_text(v_counts));
 
     PERFORM set_config('work_mem', v_work_mem, true);
+    PERFORM set_config('jit', v_jit, true);
+    PERFORM set_config('enable_sort', v_sort, true);
     UPDATE crmpay.reconciliation_runs
        SET records_loaded = v_loaded, records_matched = v_keyed - v_unmatched,
            payments_checked = v_checked, counts = v_counts, totals = v_totals,
