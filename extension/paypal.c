@@ -1400,6 +1400,261 @@ paypal_parse_webhook(const CrmpayHeaders *headers, const char *body, size_t body
 	return list_make1(event);
 }
 
+/* ----------------------------------------------------------------
+ * Reconciliation: the Transaction Search API
+ *
+ *	GET {api_base}/v1/reporting/transactions?start_date=..&end_date=..
+ *		&fields=all&page_size=500&page=N
+ *	PayPal answers at most 31 days per request, so the window is cut into
+ *	31-day pieces (the fetch state's stream is the piece, its cursor the
+ *	page).  Each transaction_details[].transaction_info is one record:
+ *	T00xx with a positive amount are payments received (capture ids, our
+ *	order reference in custom_field), T1107 refunds, T1106/T12xx reversals
+ *	and chargebacks, anything else fees and transfers.  Amounts are signed
+ *	decimal strings in major units; fee_amount is negative.
+ *	(https://developer.paypal.com/docs/api/transaction-search/v1/)
+ * ----------------------------------------------------------------
+ */
+#define PAYPAL_SEARCH_DAYS 31
+#define PAYPAL_PAGE_MAX 500
+
+/* The n-th 31-day piece of the window, or false past the end. */
+static bool
+paypal_search_piece(const CrmpayFetchState *state, int n, TimestampTz *from, TimestampTz *to)
+{
+	TimestampTz piece = (TimestampTz) PAYPAL_SEARCH_DAYS * USECS_PER_DAY;
+
+	*from = state->since + (TimestampTz) n * piece;
+	if (*from > state->until)
+		return false;
+	*to = Min(*from + piece, state->until);
+	return true;
+}
+
+/* "2024-03-01T10:00:00-0000", as the search wants its dates. */
+static char *
+paypal_search_date(TimestampTz t)
+{
+	struct pg_tm tm;
+	fsec_t		fsec;
+
+	if (timestamp2tm(t, NULL, &tm, &fsec, NULL, NULL) != 0)
+		elog(ERROR, "crmpay: timestamp out of range");
+	return psprintf("%04d-%02d-%02dT%02d:%02d:%02d-0000", tm.tm_year, tm.tm_mon, tm.tm_mday,
+					tm.tm_hour, tm.tm_min, tm.tm_sec);
+}
+
+static void
+paypal_build_list_records(const CrmpayAccount *account, const CrmpayFetchState *state,
+						  CrmpayHttpRequest *out)
+{
+	TimestampTz from;
+	TimestampTz to;
+
+	if (!paypal_search_piece(state, state->stream, &from, &to))
+		elog(ERROR, "crmpay: PayPal search piece %d is past the window", state->stream);
+	out->method = "GET";
+	out->url = psprintf("%s/v1/reporting/transactions?start_date=%s&end_date=%s&fields=all"
+						"&page_size=%d&page=%s",
+						account->api_base, paypal_search_date(from), paypal_search_date(to),
+						Min(Max(state->page_size, 1), PAYPAL_PAGE_MAX),
+						state->cursor ? state->cursor : "1");
+	out->headers = list_make1(pstrdup("Accept: application/json"));
+}
+
+/* A signed amount {"currency_code", "value": "-10.00"} in minor units. */
+static bool
+paypal_signed_amount(const CrmpayJson *amount, int64 *minor, char **currency)
+{
+	const char *code = amount ? crmpay_json_str(amount, "currency_code") : NULL;
+	const char *value = amount ? crmpay_json_str(amount, "value") : NULL;
+	bool		negative;
+
+	if (code == NULL || value == NULL || strlen(code) != 3)
+		return false;
+	negative = (value[0] == '-');
+	if (!crmpay_decimal_to_minor(value + (negative ? 1 : 0), crmpay_iso_exponent(code), minor))
+		return false;
+	if (negative)
+		*minor = -*minor;
+	*currency = pstrdup(code);
+	return true;
+}
+
+/* "2024-03-01T10:00:00+0000" (or with Z, or +01:00) to a timestamptz; 0 if unreadable. */
+static TimestampTz
+paypal_search_time(const char *s)
+{
+	int			y,
+				mo,
+				d,
+				h,
+				mi,
+				sec,
+				oh = 0,
+				om = 0;
+	char		sign = '+';
+	int			n = 0;
+	struct pg_tm tm;
+	int			tz;
+	TimestampTz result;
+
+	if (s == NULL || sscanf(s, "%4d-%2d-%2dT%2d:%2d:%2d%n", &y, &mo, &d, &h, &mi, &sec, &n) != 6)
+		return 0;
+	s += n;
+	if (*s == 'Z')
+		s++;
+	else if (*s == '+' || *s == '-')
+	{
+		sign = *s++;
+		if (sscanf(s, "%2d", &oh) != 1)
+			return 0;
+		s += 2;
+		if (*s == ':')
+			s++;
+		if (sscanf(s, "%2d", &om) != 1)
+			return 0;
+	}
+	memset(&tm, 0, sizeof(tm));
+	tm.tm_year = y;
+	tm.tm_mon = mo;
+	tm.tm_mday = d;
+	tm.tm_hour = h;
+	tm.tm_min = mi;
+	tm.tm_sec = sec;
+	/* tm2timestamp wants seconds west of UTC */
+	tz = (sign == '+' ? -1 : 1) * (oh * 3600 + om * 60);
+	if (tm2timestamp(&tm, 0, &tz, &result) != 0)
+		return 0;
+	return result;
+}
+
+static CrmpayGatewayRecord *
+paypal_search_record(const CrmpayJson *info)
+{
+	const char *code = crmpay_json_str(info, "transaction_event_code");
+	const char *status = crmpay_json_str(info, "transaction_status");
+	const char *custom = crmpay_json_str(info, "custom_field");
+	const char *invoice = crmpay_json_str(info, "invoice_id");
+	const char *id = crmpay_json_str(info, "transaction_id");
+	const char *ref = crmpay_json_str(info, "paypal_reference_id");
+	const char *order = custom ? custom : invoice;
+	CrmpayGatewayRecord *rec;
+	int64		amount;
+	int64		fee = 0;
+	char	   *currency = NULL;
+	char	   *fee_currency = NULL;
+	bool		has_fee;
+
+	if (code == NULL || id == NULL ||
+		!paypal_signed_amount(crmpay_json_member(info, "transaction_amount"), &amount, &currency))
+		return NULL;
+	has_fee = paypal_signed_amount(crmpay_json_member(info, "fee_amount"), &fee, &fee_currency);
+
+	if (strncmp(code, "T00", 3) == 0 && amount > 0)
+	{
+		rec = crmpay_new_record("charge");
+		rec->gateway_payment_ref = pstrdup(id);
+		rec->amount_minor = amount;
+		if (status && strcmp(status, "S") == 0)
+			rec->status = "paid";
+		else if (status && strcmp(status, "P") == 0)
+			rec->status = "processing";
+		else if (status && strcmp(status, "D") == 0)
+			rec->status = "failed";
+		else if (status && strcmp(status, "V") == 0)
+		{
+			rec->status = "refunded";	/* reversed: all of it went back */
+			rec->refunded_minor = amount;
+		}
+	}
+	else if (strcmp(code, "T1107") == 0)
+	{
+		rec = crmpay_new_record("refund");
+		rec->gateway_payment_ref = crmpay_pstrdup_or_null(ref);
+		rec->amount_minor = -amount;
+	}
+	else if (strcmp(code, "T1106") == 0 || strncmp(code, "T12", 3) == 0)
+	{
+		rec = crmpay_new_record("chargeback");
+		rec->gateway_payment_ref = crmpay_pstrdup_or_null(ref);
+		rec->amount_minor = -amount;
+		rec->status = "disputed";
+	}
+	else
+		rec = crmpay_new_record("other");
+
+	rec->record_ref = psprintf("%s:%s", code, id);
+	rec->gateway_status = psprintf("%s/%s", code, status ? status : "?");
+	rec->currency = currency;
+	if (order)
+	{
+		rec->order_ref = pstrdup(order);
+		rec->match_key = pstrdup(order);
+	}
+	else if (strcmp(rec->record_type, "charge") == 0)
+		rec->match_key = psprintf("paypal:%s", id);
+	rec->occurred_at = paypal_search_time(crmpay_json_str(info, "transaction_initiation_date"));
+	if (!status || strcmp(status, "D") != 0)
+	{
+		rec->fin_currency = pstrdup(currency);
+		rec->fin_amount_minor = amount;
+		if (!has_fee)
+			fee = 0;			/* no fee_amount: nothing was charged */
+		if (!has_fee || strcmp(fee_currency, currency) == 0)
+		{
+			rec->fee_minor = -fee;
+			rec->net_minor = amount + fee;
+		}
+	}
+	return rec;
+}
+
+static bool
+paypal_parse_list_records(const CrmpayAccount *account, const CrmpayHttpResponse *response,
+						  CrmpayFetchState *state, List **records, CrmpayGatewayFailure *failure)
+{
+	const char *error;
+	CrmpayJson *root = crmpay_json_parse(response->body, response->body_len, &error);
+	const CrmpayJson *details = root ? crmpay_json_member(root, "transaction_details") : NULL;
+	int64		page = 1;
+	int64		pages = 1;
+	int			i;
+	TimestampTz from;
+	TimestampTz to;
+
+	*records = NIL;
+	if (root == NULL || details == NULL || details->kind != CRMPAY_JSON_ARRAY)
+	{
+		failure->message = psprintf("PayPal answered HTTP %ld to the transaction search without transaction_details%s%s",
+									response->status, error ? ": " : "", error ? error : "");
+		return false;
+	}
+	for (i = 0; i < details->count; i++)
+	{
+		const CrmpayJson *info = crmpay_json_member(details->items[i], "transaction_info");
+		CrmpayGatewayRecord *rec = info ? paypal_search_record(info) : NULL;
+
+		if (rec == NULL)
+		{
+			failure->message = psprintf("PayPal transaction search item %d has no readable transaction_info", i);
+			return false;
+		}
+		*records = lappend(*records, rec);
+	}
+	(void) crmpay_json_int64(root, "page", &page);
+	(void) crmpay_json_int64(root, "total_pages", &pages);
+	if (page < pages)
+		state->cursor = psprintf(INT64_FORMAT, page + 1);
+	else
+	{
+		state->cursor = NULL;
+		state->stream++;
+		state->done = !paypal_search_piece(state, state->stream, &from, &to) || from >= state->until;
+	}
+	return true;
+}
+
 const CrmpayProvider crmpay_paypal_provider = {
 	.name = "paypal",
 	.default_api_base = "https://api-m.paypal.com",
@@ -1413,6 +1668,8 @@ const CrmpayProvider crmpay_paypal_provider = {
 	.parse_webhook = paypal_parse_webhook,
 	.authorize = paypal_authorize,
 	.verify_account_webhook = paypal_verify_account_webhook,
+	.build_list_records = paypal_build_list_records,
+	.parse_list_records = paypal_parse_list_records,
 };
 
 PG_FUNCTION_INFO_V1(crmpay_currency_exponent);

@@ -641,7 +641,10 @@ driver_prepare(const RunInfo *run, const CrmpayAccount *account, DriverState *st
 	}
 }
 
-/* Wipes the request's headers (they carry the API key) once it is sent. */
+/*
+ * Wipes the credentials out of the request's headers once it is sent
+ * (providers build them with crmpay_header_line or psprintf: writable).
+ */
 static void
 wipe_request(DriverRequest *req)
 {
@@ -651,7 +654,8 @@ wipe_request(DriverRequest *req)
 	{
 		char	   *h = lfirst(lc);
 
-		explicit_bzero(h, strlen(h));
+		if (pg_strncasecmp(h, "Authorization:", 14) == 0 || pg_strncasecmp(h, "X-API-Key:", 10) == 0)
+			explicit_bzero(h, strlen(h));
 	}
 }
 

@@ -574,3 +574,72 @@ def test_pg_cron_runs_the_nightly_reconciliation(cron_setup):
             break
         time.sleep(0.25)
     assert details[0] == ("succeeded", "SELECT 1")
+
+
+# ---------------------------------------------------------------------
+# PayPal: the Transaction Search API, in 31-day pieces, page by page
+# ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def paypal_double(tls):
+    import os
+    from doubles.paypal_double import PayPalDouble
+    from test_paypal import CLIENT_ID, CLIENT_SECRET, WEBHOOK_ID
+
+    double = PayPalDouble({CLIENT_ID: CLIENT_SECRET}, WEBHOOK_ID, tls["ca_cert"],
+                          os.path.join(os.path.dirname(tls["ca_cert"]), "ca.key"),
+                          tls["server_cert"], tls["server_key"])
+    double.start()
+    yield double
+    double.stop()
+
+
+def test_paypal_transaction_search(db, paypal_double, db_name):
+    from test_paypal import add_paypal_account, capture
+
+    paypal_double.reset()
+    db.execute(f"ALTER DATABASE {db_name} SET crmpay.paypal_cert_hosts = '127.0.0.1'")
+    db.execute("SET crmpay.paypal_cert_hosts = '127.0.0.1'")
+    add_paypal_account(db, paypal_double.base_url)
+
+    def link(order, amount):
+        return create_link(db, order, amount, account="pp")
+
+    ok = link("PP-OK", "20.00")
+    deliver(db, "pp", paypal_double.approve(ok["gateway_ref"]))
+    assert capture(db, ok["id"])["status"] == "paid"
+    lost = link("PP-LOST", "30.00")
+    paypal_double.approve(lost["gateway_ref"])          # the approval webhook is lost,
+    paypal_double.capture_now(lost["gateway_ref"])      # the capture made elsewhere
+    refund = link("PP-REFUND", "40.00")
+    deliver(db, "pp", paypal_double.approve(refund["gateway_ref"]))
+    assert capture(db, refund["id"])["status"] == "paid"
+    paypal_double.refund(refund["gateway_ref"], "15.00")
+    db.execute("INSERT INTO crmpay.payments (account, order_ref, amount_minor, currency, status,"
+               " idempotency_key, refunded_minor) VALUES ('pp', 'PP-NOGW', 5000, 'EUR', 'paid', 'z', 0)")
+
+    db.execute("SET crmpay.reconcile_page_size = 2")
+    before = len(paypal_double.requests())
+    # 40 days: two pieces of at most 31 days
+    run = reconcile(db, heal=True, since="now() - interval '40 days'", account="pp")
+    r = run_row(db, run)
+    assert r["status"] == "succeeded", r
+    searches = [q for q in paypal_double.requests()[before:] if q["path"] == "/v1/reporting/transactions"]
+    assert len(searches) == r["pages_fetched"] == 3     # an empty piece, then 4 transactions on 2 pages
+    assert all(q["headers"]["Authorization"] == "Bearer ****" for q in searches)
+    assert r["records_loaded"] == 4 and r["records_matched"] == 4
+    found = {(i["kind"], i["order_ref"], i["healed"]) for i in items(db, run)}
+    assert found == {("status_mismatch", "PP-LOST", True), ("refunded_at_gateway", "PP-REFUND", True),
+                     ("missing_at_gateway", "PP-NOGW", False)}
+    assert payment(db, "pp", "PP-LOST")["status"] == "paid"
+    p = payment(db, "pp", "PP-REFUND")
+    assert (p["status"], p["refunded_minor"]) == ("partially_refunded", 1500)
+    fees = sum((a * 349 + 5000) // 10000 + 49 for a in (2000, 3000, 4000))
+    assert r["totals"] == {"EUR": {"gross": 9000, "refunds": 1500, "fees": fees,
+                                   "net": 9000 - fees - 1500, "records": 4}}
+    # the pieces are contiguous and none is longer than 31 days
+    import datetime
+    ranges = sorted({(q["query"]["start_date"], q["query"]["end_date"]) for q in searches})
+    parsed = [tuple(datetime.datetime.strptime(x, "%Y-%m-%dT%H:%M:%S%z") for x in rg) for rg in ranges]
+    assert len(parsed) == 2 and parsed[0][1] == parsed[1][0]
+    assert all(b - a <= datetime.timedelta(days=31) for a, b in parsed)

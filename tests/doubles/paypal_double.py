@@ -36,6 +36,12 @@ Fidelity (PayPal REST docs and SDKs; "approx." marks best effort):
   (CN messageverificationcerts.paypal.com, issued by the test CA) are made
   at start with the openssl CLI; the certificate is served at
   ``GET /v1/notifications/certs/CERT-...``.
+* ``GET /v1/reporting/transactions`` (Transaction Search): captures as
+  T0006 and refunds (made with ``refund()``) as T1107 of the date range,
+  ``transaction_info`` with signed decimal amounts, a 3.49 % + 0.49 fee,
+  the order reference in ``custom_field``; ranges over 31 days, bad dates
+  and page sizes outside 1..500 are 400 INVALID_REQUEST; ``page`` /
+  ``total_pages`` paging.
 * ``POST /v1/notifications/verify-webhook-signature``: SUCCESS when the
   transmission is one the double sent, with the same signature, time, cert
   URL and webhook id, and ``webhook_event`` equal to the event sent.
@@ -265,6 +271,7 @@ class PayPalDouble:
         with self._lock:
             self._tokens = {}          # token -> (client_id, expires_at)
             self._orders = {}
+            self._refunds = []         # refunds made with refund(), for the search
             self._idem = {}            # (client_id, path, request id) -> record
             self._deliveries = []
             self._sent = {}            # transmission id -> delivery
@@ -383,6 +390,108 @@ class PayPalDouble:
         return self.deliver(self.event("CHECKOUT.ORDER.APPROVED", resource, "checkout-order",
                                        "An order has been approved by buyer"))
 
+    def capture_now(self, order_id):
+        """Captures an approved order outside crmpay (the dashboard, another
+        system): no webhook is sent."""
+        status, _, body = self._capture(("double", None), {}, order_id, b"")[:3]
+        return json.loads(body)["purchase_units"][0]["payments"]["captures"][0]
+
+    def refund(self, order_id, amount=None):
+        """Refunds (part of) an order's capture; only the transaction search
+        tells (no webhook)."""
+        with self._lock:
+            capture = self._orders[order_id]["captured"]
+            unit = self._orders[order_id]["order"]["purchase_units"][0]
+            value = amount if amount is not None else capture["amount"]["value"]
+            refund = {"id": "%d%s" % (secrets.randbelow(9) + 1, secrets.token_hex(8).upper()),
+                      "capture_id": capture["id"], "custom_id": unit.get("custom_id"),
+                      "amount": {"currency_code": capture["amount"]["currency_code"], "value": value},
+                      "create_time": _now_iso()}
+            self._refunds.append(refund)
+            return copy.deepcopy(refund)
+
+    # ------------------------------------------------ transaction search
+
+    @staticmethod
+    def _search_time(iso):
+        """PayPal's dates: 2024-03-01T10:00:00Z -> +0000 style."""
+        t = datetime.datetime.strptime(iso, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.timezone.utc)
+        return t, t.strftime("%Y-%m-%dT%H:%M:%S+0000")
+
+    def _search(self, query):
+        """GET /v1/reporting/transactions: captures (T0006) and refunds
+        (T1107) of the date range, at most 31 days, page by page."""
+        q = dict(urllib.parse.parse_qsl(query))
+        details = []
+        for name in ("start_date", "end_date"):
+            if name not in q:
+                details.append({"field": name, "location": "query", "issue": "MISSING_REQUIRED_PARAMETER",
+                                "description": "A required field / parameter is missing."})
+        try:
+            start = datetime.datetime.strptime(q.get("start_date", ""), "%Y-%m-%dT%H:%M:%S%z")
+            end = datetime.datetime.strptime(q.get("end_date", ""), "%Y-%m-%dT%H:%M:%S%z")
+        except ValueError:
+            start = end = None
+            if not details:
+                details.append({"field": "start_date", "location": "query", "issue": "INVALID_PARAMETER_SYNTAX",
+                                "description": "The value of a field does not conform to the expected format."})
+        if start and end and (end < start or end - start > datetime.timedelta(days=31)):
+            details.append({"field": "end_date", "value": q["end_date"], "location": "query",
+                            "issue": "Date range is greater than 31 days"})
+        try:
+            page_size = int(q.get("page_size", "100"))
+            page = int(q.get("page", "1"))
+        except ValueError:
+            page_size = page = 0
+        if not 1 <= page_size <= 500 or page < 1:
+            details.append({"field": "page_size", "location": "query", "issue": "INVALID_PARAMETER_VALUE",
+                            "description": "page_size is 1 to 500, page at least 1."})
+        if details:
+            raise PayPalError(400, "INVALID_REQUEST", "Request is not well-formed, syntactically "
+                              "incorrect, or violates schema.", details)
+        items = []
+        with self._lock:
+            for order_id, rec in self._orders.items():
+                capture = rec.get("captured")
+                if not capture:
+                    continue
+                at, shown = self._search_time(capture["create_time"])
+                if not start <= at <= end:
+                    continue
+                amount = capture["amount"]
+                minor = round(float(amount["value"]) * 100)
+                fee = (minor * 349 + 5000) // 10000 + 49           # 3.49 % + 0.49
+                items.append((at, {"transaction_info": {
+                    "paypal_account_id": "QYR5Z8XDVJNXQ", "transaction_id": capture["id"],
+                    "paypal_reference_id": order_id, "paypal_reference_id_type": "ODR",
+                    "transaction_event_code": "T0006", "transaction_initiation_date": shown,
+                    "transaction_updated_date": shown, "transaction_amount": dict(amount),
+                    "fee_amount": {"currency_code": amount["currency_code"],
+                                   "value": "-%d.%02d" % (fee // 100, fee % 100)},
+                    "transaction_status": {"COMPLETED": "S", "PENDING": "P",
+                                           "DECLINED": "D"}[capture["status"]],
+                    "custom_field": capture.get("custom_id"), "protection_eligibility": "01"}}))
+            for refund in self._refunds:
+                at, shown = self._search_time(refund["create_time"])
+                if not start <= at <= end:
+                    continue
+                items.append((at, {"transaction_info": {
+                    "paypal_account_id": "QYR5Z8XDVJNXQ", "transaction_id": refund["id"],
+                    "paypal_reference_id": refund["capture_id"], "paypal_reference_id_type": "TXN",
+                    "transaction_event_code": "T1107", "transaction_initiation_date": shown,
+                    "transaction_updated_date": shown,
+                    "transaction_amount": {"currency_code": refund["amount"]["currency_code"],
+                                           "value": "-" + refund["amount"]["value"]},
+                    "transaction_status": "S", "custom_field": refund["custom_id"]}}))
+        items.sort(key=lambda x: x[0])
+        total = len(items)
+        pages = (total + page_size - 1) // page_size
+        body = {"transaction_details": [i[1] for i in items[(page - 1) * page_size:page * page_size]],
+                "account_number": "QYR5Z8XDVJNXQ", "start_date": q["start_date"], "end_date": q["end_date"],
+                "last_refreshed_datetime": _now_iso(), "page": page, "total_items": total,
+                "total_pages": pages, "links": []}
+        return self._json(200, body)
+
     # -------------------------------------------------------- dispatch
 
     def _dispatch(self, handler, method, raw_path, headers, body):
@@ -395,6 +504,7 @@ class PayPalDouble:
             key = "%s %s" % (method, re.sub(r"/orders/[^/]+", "/orders/{id}", path))
             self._stats["requests_by_path"][key] = self._stats["requests_by_path"].get(key, 0) + 1
             self._requests.append({"method": method, "path": path,
+                                   "query": dict(urllib.parse.parse_qsl(parts.query)),
                                    "headers": {k: (v if k.lower() != "authorization" else
                                                    v.split(" ")[0] + " ****")
                                                for k, v in headers.items()},
@@ -435,6 +545,8 @@ class PayPalDouble:
                 return self._capture(client, headers, urllib.parse.unquote(m.group(1)), body)
             if path == "/v1/notifications/verify-webhook-signature" and method == "POST":
                 return self._verify(body)
+            if path == "/v1/reporting/transactions" and method == "GET":
+                return self._search(parts.query)
             raise PayPalError(404, "RESOURCE_NOT_FOUND",
                               "The specified resource does not exist.",
                               [{"issue": "INVALID_RESOURCE_ID",
