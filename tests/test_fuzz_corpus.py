@@ -11,7 +11,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def test_fuzz_corpus_replays_clean():
-    for target in ("codec", "json"):
+    for target in ("codec", "json", "csv"):
         assert len(os.listdir(REPO / "tests" / "fuzz" / "corpus" / target)) >= 5
     proc = subprocess.run(["bash", "tests/fuzz/run.sh", "--replay"], cwd=REPO,
                           capture_output=True, text=True, timeout=600)

@@ -15,11 +15,12 @@ mkdir -p "$out" tests/fuzz/crashes
 flags=(-g -O1 -Wno-ignored-attributes -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined -Iextension -I"$inc")
 
 clang "${flags[@]}" -o "$out/fuzz_codec" tests/fuzz/fuzz_codec.c extension/codec.c
+clang "${flags[@]}" -o "$out/fuzz_csv" tests/fuzz/fuzz_csv.c extension/csv.c
 clang "${flags[@]}" -DFRONTEND -o "$out/fuzz_json" tests/fuzz/fuzz_json.c extension/json.c extension/codec.c \
   "$lib/libpgcommon.a" "$lib/libpgport.a"
 
 status=0
-for target in codec json; do
+for target in codec json csv; do
   corpus=tests/fuzz/corpus/$target
   opts=(-max_len=65536 -artifact_prefix=tests/fuzz/crashes/"$target"-)
   if [ "$mode" = --replay ]; then
