@@ -19,7 +19,7 @@
 #include "utils/guc.h"
 
 #include "provider.h"
-#include "reports.h"
+#include "reconcile.h"
 #include "worker.h"
 
 PG_MODULE_MAGIC;

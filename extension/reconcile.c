@@ -27,7 +27,7 @@
  *
  *-------------------------------------------------------------------------
  */
-#include "reports.h"
+#include "reconcile.h"
 
 #include "access/xact.h"
 #include "catalog/pg_type.h"
@@ -969,7 +969,7 @@ crmpay_reconcile_counters(PG_FUNCTION_ARGS)
 
 PG_FUNCTION_INFO_V1(crmpay_reconcile_progress);
 
-/* crmpay._reconcile_progress(): one row per backend running a reconciliation. */
+/* crmpay.reconciliation_live_progress(): one row per backend running a reconciliation. */
 Datum
 crmpay_reconcile_progress(PG_FUNCTION_ARGS)
 {
@@ -1170,8 +1170,10 @@ crmpay_download_report(PG_FUNCTION_ARGS)
 				 errdetail("crmpay only sends the report credentials to URLs under that base."),
 				 errhint("Adyen: {\"report_base_url\": \"https://ca-live.adyen.com/reports/download/MerchantAccount/YourMerchantAccount/\"}.")));
 	crmpay_http_check_url(base, "settings.report_base_url");
-	if (strncmp(url, base, strlen(base)) != 0 || strstr(url + strlen(base), "..") != NULL ||
-		strpbrk(url, " \r\n") != NULL)
+	/* under the base: same prefix, and a path boundary right after it */
+	if (strncmp(url, base, strlen(base)) != 0 ||
+		(base[strlen(base) - 1] != '/' && url[strlen(base)] != '/' && url[strlen(base)] != '\0') ||
+		strstr(url + strlen(base), "..") != NULL || strpbrk(url, " \r\n\\") != NULL)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("report URL is not under the account's settings.report_base_url"),
@@ -1497,6 +1499,7 @@ run_in_steps(const StepHost *host, const char *account, TimestampTz since,
 {
 	StepRun    *s;
 	StepResult	r;
+	MemoryContext callercxt = CurrentMemoryContext;
 	MemoryContext cxt = AllocSetContextCreate(TopMemoryContext, "crmpay reconcile run",
 											  ALLOCSET_DEFAULT_SIZES);
 	int64		run_id = 0;
@@ -1514,7 +1517,8 @@ run_in_steps(const StepHost *host, const char *account, TimestampTz since,
 		s->schedule_id = schedule_id;
 		*start_error = NULL;
 
-		r = run_step(host, cxt, step_begin, s);
+		/* a start error outlives the run's memory: the caller reports it */
+		r = run_step(host, callercxt, step_begin, s);
 		if (!r.ok)
 			*start_error = r.error;
 		else

@@ -33,7 +33,7 @@
  *
  *-------------------------------------------------------------------------
  */
-#include "reports.h"
+#include "reconcile.h"
 
 #include "executor/spi.h"
 #include "pgtime.h"

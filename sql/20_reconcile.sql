@@ -294,6 +294,7 @@ RESET ROLE;
 SET ROLE regress_recon_admin;
 SELECT crmpay.reconcile('ady1', '2024-03-01 00:00+00', '2024-03-02 00:00+00') IS NOT NULL AS admin_ran;
 SELECT count(*) > 0 AS admin_reads FROM crmpay.reconciliation_items;
+SELECT count(*) AS running FROM crmpay.reconciliation_progress;
 SELECT crmpay._reconcile_match(1);
 \o /dev/null
 CALL crmpay.reconcile_in_steps('ady1', '2024-03-01 00:00+00', '2024-03-02 00:00+00', false, NULL);

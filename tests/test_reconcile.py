@@ -488,6 +488,14 @@ def test_fetch_report_with_report_credentials(db, tls):
             db.execute("SELECT crmpay.fetch_report('ady', 'https://evil.example/reports/x.csv')")
         with pytest.raises(psycopg.errors.InvalidParameterValue, match="not under"):
             db.execute("SELECT crmpay.fetch_report('ady', %s)", (base + "../../other.csv",))
+        # a base without its trailing slash still ends at a path boundary
+        db.execute("SELECT crmpay.update_account('ady', NULL, NULL, %s::jsonb)",
+                   (json.dumps({"merchant_account": "ShopECOM", "return_url": "https://shop.example/paid",
+                                "report_base_url": base.rstrip("/")}),))
+        with pytest.raises(psycopg.errors.InvalidParameterValue, match="not under"):
+            db.execute("SELECT crmpay.fetch_report('ady', %s)", (base.rstrip("/") + "evil/x.csv",))
+        assert db.execute("SELECT crmpay.fetch_report('ady', %s)",
+                          (base + "settlement_detail_report_batch_7.csv",)).fetchone()[0] > imp
         db.execute("SELECT crmpay.update_account('ady', %s::jsonb)",
                    (json.dumps({"api_key": "AQE_test", "report_username": "ws_report@Company.Shop",
                                 "report_password": "wrong"}),))

@@ -187,8 +187,12 @@ CREATE FUNCTION crmpay._reconcile_report(run_id bigint, phase text, records_matc
 CREATE FUNCTION crmpay._reconcile_counters(run_id bigint, OUT pages_fetched integer, OUT records_loaded bigint)
     LANGUAGE c STRICT VOLATILE AS 'MODULE_PATHNAME', 'crmpay_reconcile_counters';
 
-/* Every backend's live progress (shared memory; empty without preloading). */
-CREATE FUNCTION crmpay._reconcile_progress(
+/*
+ * reconciliation_live_progress: every backend's running reconciliation,
+ * from shared memory (empty when crmpay is not preloaded); the function
+ * behind the view crmpay.reconciliation_progress.
+ */
+CREATE FUNCTION crmpay.reconciliation_live_progress(
     OUT pid integer, OUT run_id bigint, OUT account text, OUT phase text,
     OUT pages_fetched integer, OUT records_loaded bigint, OUT records_matched bigint,
     OUT discrepancies bigint, OUT healed bigint, OUT started_at timestamptz, OUT updated_at timestamptz)
@@ -1027,14 +1031,14 @@ CREATE VIEW crmpay.reconciliation_progress AS
     SELECT p.run_id, p.account, p.pid, p.phase, p.pages_fetched, p.records_loaded,
            p.records_matched, p.discrepancies, p.healed, p.started_at, p.updated_at,
            clock_timestamp() - p.started_at AS elapsed
-      FROM crmpay._reconcile_progress() p
+      FROM crmpay.reconciliation_live_progress() p
     UNION ALL
     SELECT r.id, r.account, r.pid, r.phase, r.pages_fetched, r.records_loaded,
            r.records_matched, r.discrepancies, r.healed, r.started_at, r.heartbeat_at,
            clock_timestamp() - r.started_at
       FROM crmpay.reconciliation_runs r
      WHERE r.status = 'running'
-       AND NOT EXISTS (SELECT FROM crmpay._reconcile_progress() p WHERE p.run_id = r.id);
+       AND NOT EXISTS (SELECT FROM crmpay.reconciliation_live_progress() p WHERE p.run_id = r.id);
 COMMENT ON VIEW crmpay.reconciliation_progress IS
     'Reconciliation runs in progress: pages fetched, records loaded and matched';
 
@@ -1070,7 +1074,8 @@ GRANT EXECUTE ON FUNCTION
     crmpay.schedule_reconciliation(text, interval, interval, boolean, interval, timestamptz),
     crmpay.unschedule_reconciliation(text),
     crmpay.run_due_reconciliations(),
-    crmpay.prune_reconciliations(interval)
+    crmpay.prune_reconciliations(interval),
+    crmpay.reconciliation_live_progress()
     TO crmpay_admin;
 -- (99_privileges revokes ALL FUNCTIONS, which leaves procedures alone)
 REVOKE ALL ON PROCEDURE crmpay.reconcile_in_steps(text, timestamptz, timestamptz, boolean, bigint) FROM PUBLIC;

@@ -1,13 +1,13 @@
 /*-------------------------------------------------------------------------
  *
- * reports.h
- *	  Gateway report files (reports.c) and the reconciliation driver
- *	  (reconcile.c).
+ * reconcile.h
+ *	  Reconciliation: gateway report files (reports.c), the fetch driver
+ *	  and step-by-step runners (reconcile.c).
  *
  *-------------------------------------------------------------------------
  */
-#ifndef CRMPAY_REPORTS_H
-#define CRMPAY_REPORTS_H
+#ifndef CRMPAY_RECONCILE_H
+#define CRMPAY_RECONCILE_H
 
 #include "provider.h"
 
@@ -33,4 +33,4 @@ extern void crmpay_reconcile_shmem_request(void);
  */
 extern int	crmpay_reconcile_run_due_in_worker(void);
 
-#endif							/* CRMPAY_REPORTS_H */
+#endif							/* CRMPAY_RECONCILE_H */
