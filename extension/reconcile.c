@@ -535,9 +535,11 @@ next_order(const RunInfo *run, int64 after_payment)
 		"  FROM crmpay.payments p" \
 		" WHERE p.account = $1 AND p.created_at >= $2 AND p.created_at < $3 AND p.id > $4" \
 		"   AND (p.status IN ('link_pending', 'open', 'processing')" \
-		"        OR NOT EXISTS (SELECT FROM crmpay.gateway_records g" \
-		"                        WHERE g.account = $1 AND g.match_key = p." col \
-		"                          AND (g.run_id = $5 OR g.import_id IS NOT NULL)))" \
+		"        OR (NOT EXISTS (SELECT FROM crmpay.gateway_records g" \
+		"                         WHERE g.run_id = $5 AND g.match_key = p." col ")" \
+		"            AND NOT EXISTS (SELECT FROM crmpay.gateway_records g" \
+		"                             WHERE g.import_id IS NOT NULL AND g.account = $1" \
+		"                               AND g.match_key = p." col ")))" \
 		" ORDER BY p.id LIMIT 1"
 		NEXT_ORDER_SQL("order_ref"),
 		NEXT_ORDER_SQL("gateway_ref"),

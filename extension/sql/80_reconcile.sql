@@ -132,7 +132,11 @@ CREATE TABLE crmpay.gateway_records (
     occurred_at         timestamptz,
     CHECK ((run_id IS NULL) <> (import_id IS NULL))
 );
-CREATE INDEX gateway_records_run ON crmpay.gateway_records (run_id) WHERE run_id IS NOT NULL;
+-- a run's records, and an order's records (per-order queries skip orders
+-- another source already reported; people look orders up)
+CREATE INDEX gateway_records_run ON crmpay.gateway_records (run_id, match_key) WHERE run_id IS NOT NULL;
+CREATE INDEX gateway_records_report_key ON crmpay.gateway_records (account, match_key)
+    WHERE import_id IS NOT NULL;
 CREATE INDEX gateway_records_report ON crmpay.gateway_records (account, occurred_at)
     WHERE import_id IS NOT NULL;
 -- a report line imported twice (overlapping exports) counts once
