@@ -625,6 +625,15 @@ def test_paypal_transaction_search(db, paypal_double, db_name):
     paypal_double.refund(refund["gateway_ref"], "15.00")
     db.execute("INSERT INTO crmpay.payments (account, order_ref, amount_minor, currency, status,"
                " idempotency_key, refunded_minor) VALUES ('pp', 'PP-NOGW', 5000, 'EUR', 'paid', 'z', 0)")
+    for order, change in (("PP-AMOUNT", {"value": "26.00"}), ("PP-CUR", {"currency_code": "USD"}),
+                          ("PP-DUP", None)):
+        row = link(order, "25.00")
+        deliver(db, "pp", paypal_double.approve(row["gateway_ref"]))
+        assert capture(db, row["id"])["status"] == "paid"
+        if change:
+            paypal_double.set_capture(row["gateway_ref"], **change)
+    paypal_double.foreign_order("PP-DUP", "25.00")      # charged twice
+    paypal_double.foreign_order("PP-GHOST", "12.00")    # not in the CRM
 
     db.execute("SET crmpay.reconcile_page_size = 2")
     before = len(paypal_double.requests())
@@ -633,18 +642,23 @@ def test_paypal_transaction_search(db, paypal_double, db_name):
     r = run_row(db, run)
     assert r["status"] == "succeeded", r
     searches = [q for q in paypal_double.requests()[before:] if q["path"] == "/v1/reporting/transactions"]
-    assert len(searches) == r["pages_fetched"] == 3     # an empty piece, then 4 transactions on 2 pages
+    assert len(searches) == r["pages_fetched"] == 6     # an empty piece, then 9 transactions on 5 pages
     assert all(q["headers"]["Authorization"] == "Bearer ****" for q in searches)
-    assert r["records_loaded"] == 4 and r["records_matched"] == 4
+    assert r["records_loaded"] == 9 and r["records_matched"] == 8
     found = {(i["kind"], i["order_ref"], i["healed"]) for i in items(db, run)}
     assert found == {("status_mismatch", "PP-LOST", True), ("refunded_at_gateway", "PP-REFUND", True),
-                     ("missing_at_gateway", "PP-NOGW", False)}
+                     ("missing_at_gateway", "PP-NOGW", False), ("amount_mismatch", "PP-AMOUNT", False),
+                     ("currency_mismatch", "PP-CUR", False), ("duplicate_payment", "PP-DUP", False),
+                     ("missing_in_crm", "PP-GHOST", False)}
     assert payment(db, "pp", "PP-LOST")["status"] == "paid"
     p = payment(db, "pp", "PP-REFUND")
     assert (p["status"], p["refunded_minor"]) == ("partially_refunded", 1500)
-    fees = sum((a * 349 + 5000) // 10000 + 49 for a in (2000, 3000, 4000))
-    assert r["totals"] == {"EUR": {"gross": 9000, "refunds": 1500, "fees": fees,
-                                   "net": 9000 - fees - 1500, "records": 4}}
+    eur = (2000, 3000, 4000, 2600, 2500, 2500, 1200)
+    fees = sum((a * 349 + 5000) // 10000 + 49 for a in eur)
+    usd_fee = (2500 * 349 + 5000) // 10000 + 49
+    assert r["totals"] == {"EUR": {"gross": sum(eur), "refunds": 1500, "fees": fees,
+                                   "net": sum(eur) - fees - 1500, "records": 8},
+                           "USD": {"gross": 2500, "fees": usd_fee, "net": 2500 - usd_fee, "records": 1}}
     # the pieces are contiguous and none is longer than 31 days
     import datetime
     ranges = sorted({(q["query"]["start_date"], q["query"]["end_date"]) for q in searches})

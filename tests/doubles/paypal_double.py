@@ -390,6 +390,23 @@ class PayPalDouble:
         return self.deliver(self.event("CHECKOUT.ORDER.APPROVED", resource, "checkout-order",
                                        "An order has been approved by buyer"))
 
+    def foreign_order(self, reference, value, currency="EUR"):
+        """An order made outside crmpay (another shop system, the dashboard),
+        approved and captured: only the transaction search shows it."""
+        body = json.dumps({"intent": "CAPTURE", "purchase_units": [{
+            "reference_id": reference, "custom_id": reference,
+            "amount": {"currency_code": currency, "value": value}}]}).encode()
+        order_id = json.loads(self._create_order(("double", None), {}, body)[2])["id"]
+        with self._lock:
+            self._orders[order_id]["order"]["status"] = "APPROVED"
+        self.capture_now(order_id)
+        return order_id
+
+    def set_capture(self, order_id, **amount):
+        """Changes what PayPal says it captured (currency_code, value)."""
+        with self._lock:
+            self._orders[order_id]["captured"]["amount"].update(amount)
+
     def capture_now(self, order_id):
         """Captures an approved order outside crmpay (the dashboard, another
         system): no webhook is sent."""
