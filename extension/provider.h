@@ -139,6 +139,15 @@ extern const char *crmpay_provider_names(void);
 extern CrmpayAccount *crmpay_load_account(const char *name, bool missing_ok);
 extern const char *crmpay_setting(const CrmpayAccount *account,
 								  const char *key);
+extern void crmpay_link_prepare(const CrmpayAccount *account,
+								const CrmpayLinkRequest *request,
+								CrmpayHttpRequest *http);
+extern bool crmpay_link_finish(const CrmpayAccount *account,
+							   const CrmpayHttpResponse *response,
+							   CrmpayLinkResult *result,
+							   CrmpayGatewayFailure *failure);
+extern CrmpayLinkRequest *crmpay_link_request_from_json(CrmpayJson *tree);
+extern char *crmpay_link_result_json(const CrmpayLinkResult *result);
 extern bool crmpay_create_link(const CrmpayAccount *account,
 							   const CrmpayLinkRequest *request,
 							   CrmpayLinkResult *result,
@@ -150,6 +159,9 @@ extern void crmpay_raise_gateway_failure(const CrmpayAccount *account,
 										 const CrmpayGatewayFailure *failure)
 			pg_attribute_noreturn();
 extern const char *crmpay_failure_kind_name(CrmpayFailureKind kind);
+extern char *crmpay_describe_failure(const CrmpayAccount *account,
+									 const CrmpayGatewayFailure *failure);
+extern const char *crmpay_failure_sqlstate(const CrmpayGatewayFailure *failure);
 
 /* Helpers for provider files */
 extern CrmpayWebhookEvent *crmpay_new_event(void);
