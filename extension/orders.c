@@ -93,7 +93,7 @@ PG_FUNCTION_INFO_V1(crmpay_order_inserted);
  *		currency, email and description (0 = none).  Queues one create_link
  *		job holding the row's values as text, and wakes the worker at
  *		commit; the worker validates the order (an invalid one gives a dead
- *		job, never a failed CRM insert).
+ *		job, never a failed CRM insert; so does a column dropped since).
  */
 Datum
 crmpay_order_inserted(PG_FUNCTION_ARGS)
@@ -122,16 +122,9 @@ crmpay_order_inserted(PG_FUNCTION_ARGS)
 		int			attnum = atoi(trigger->tgargs[i + 1]);
 		char	   *value = NULL;
 
-		if (attnum > 0)
-		{
-			if (attnum > desc->natts || TupleDescAttr(desc, attnum - 1)->attisdropped)
-				ereport(ERROR,
-						(errcode(ERRCODE_UNDEFINED_COLUMN),
-						 errmsg("the %s column of table \"%s\" linked by crmpay.link_orders is gone",
-								fields[i], RelationGetRelationName(trigdata->tg_relation)),
-						 errhint("Run crmpay.link_orders() again with the new column, or crmpay.unlink_orders().")));
+		/* a column dropped since link_orders reads as NULL: the job goes dead, the insert works */
+		if (attnum > 0 && attnum <= desc->natts && !TupleDescAttr(desc, attnum - 1)->attisdropped)
 			value = SPI_getvalue(trigdata->tg_trigtuple, desc, attnum);
-		}
 		if (i > 0)
 			appendStringInfoString(&payload, ", ");
 		escape_json(&payload, fields[i]);
