@@ -292,8 +292,8 @@ run_sync(SPIPlanPtr plan, Datum *values, const char *nulls, const char *account,
 		MemoryContextSwitchTo(callercxt);
 		CurrentResourceOwner = owner;
 
-		message = psprintf("could not write payment " INT64_FORMAT " of order \"%s\" into %s: %s",
-						   payment_id, order_ref, get_rel_name(relid), edata->message);
+		message = psprintf("could not write the payment of order \"%s\" into %s: %s",
+						   order_ref, get_rel_name(relid), edata->message);
 		ereport(WARNING,
 				(errcode(edata->sqlerrcode),
 				 errmsg("crmpay %s", message),

@@ -316,7 +316,7 @@ crmpay_worker_define_gucs(void)
 							gettext_noop("0 turns the alert off."),
 							&crmpay_alert_rejected_webhooks,
 							20, 0, INT_MAX,
-							PGC_SIGHUP, 0,
+							PGC_SUSET, 0,
 							NULL, NULL, NULL);
 
 	DefineCustomIntVariable("crmpay.alert_window",
@@ -324,7 +324,7 @@ crmpay_worker_define_gucs(void)
 							NULL,
 							&crmpay_alert_window_s,
 							300, 1, 7 * 24 * 3600,
-							PGC_SIGHUP, GUC_UNIT_S,
+							PGC_SUSET, GUC_UNIT_S,
 							NULL, NULL, NULL);
 }
 

@@ -529,11 +529,11 @@ BEGIN
         END IF;
         INSERT INTO crmpay.jobs (kind, account, payment_id, state, attempts, last_error, finished_at)
         VALUES ('send_email', v_payment.account, v_payment.id, 'dead', 0,
-                'could not fill in the e-mail template: ' || SQLERRM, now())
+                'could not prepare the e-mail: ' || SQLERRM, now())
         RETURNING id INTO v_job;
         INSERT INTO crmpay.alerts (kind, account, job_id, payment_id, message)
         VALUES ('job_dead', v_payment.account, v_job, v_payment.id,
-                format('send_email job %s for account "%s" is dead: could not fill in the e-mail template: %s',
+                format('send_email job %s for account "%s" is dead: could not prepare the e-mail: %s',
                        v_job, v_payment.account, SQLERRM));
         RETURN v_job;
     END;
