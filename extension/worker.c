@@ -98,6 +98,7 @@ typedef struct CrmpayDbSlot
 	int			pgprocno;		/* the worker's PGPROC number, while pid != 0 */
 	Oid			dboid;			/* set by the worker once connected */
 	pid_t		hold_by;		/* backend dropping the database, or 0 */
+	bool		told_to_stop;	/* the last worker exited on SIGTERM */
 } CrmpayDbSlot;
 
 typedef struct CrmpayShared
@@ -733,13 +734,22 @@ crmpay_launcher_main(Datum main_arg)
 			{
 				pid_t		handle_pid;
 				BgwHandleStatus status = GetBackgroundWorkerPid(handles[i], &handle_pid);
+				bool		told_to_stop;
 
 				if (status == BGWH_STARTED || status == BGWH_NOT_YET_STARTED)
 					continue;
-				/* it stopped: again in 1 s after a long run, backing off after quick failures */
+
+				/*
+				 * It stopped: again in 1 s when it was told to stop (SIGTERM,
+				 * DROP DATABASE) or ran a while; backing off up to a minute
+				 * after failures at start (a database that cannot be used).
+				 */
+				SpinLockAcquire(&shared->mutex);
+				told_to_stop = slot->told_to_stop;
+				SpinLockRelease(&shared->mutex);
 				pfree(handles[i]);
 				handles[i] = NULL;
-				if (TimestampDifferenceExceeds(started_at[i], now, 30000))
+				if (told_to_stop || TimestampDifferenceExceeds(started_at[i], now, 30000))
 					failures[i] = 0;
 				else
 					failures[i] = Min(failures[i] + 1, 6);
@@ -811,7 +821,10 @@ worker_detach(int code, Datum arg)
 
 	SpinLockAcquire(&shared->mutex);
 	if (slot->pid == MyProcPid)
+	{
 		slot->pid = 0;
+		slot->told_to_stop = ProcDiePending;
+	}
 	SpinLockRelease(&shared->mutex);
 	wake_launcher();
 }
@@ -873,6 +886,7 @@ crmpay_worker_main(Datum main_arg)
 	other = slot->pid;
 	if (other == 0 || other == MyProcPid)
 	{
+		slot->told_to_stop = false;
 		slot->pid = MyProcPid;
 		slot->pgprocno = MyProc->pgprocno;
 		slot->dboid = MyDatabaseId;
