@@ -758,6 +758,15 @@ smtp_read(char *buffer, size_t size, size_t nitems, void *userdata)
 	return n;
 }
 
+/* Whether a URL names an SMTP server crmpay may use: smtps:// or smtp://. */
+bool
+crmpay_smtp_url_ok(const char *url)
+{
+	return url != NULL &&
+		((pg_strncasecmp(url, "smtps://", 8) == 0 && url[8] != '\0') ||
+		 (pg_strncasecmp(url, "smtp://", 7) == 0 && url[7] != '\0'));
+}
+
 /*
  * crmpay_smtp_check_url
  *		Refuses SMTP URLs crmpay must not use: only smtps:// (TLS from the
@@ -767,13 +776,11 @@ smtp_read(char *buffer, size_t size, size_t nitems, void *userdata)
 void
 crmpay_smtp_check_url(const char *url)
 {
-	if ((pg_strncasecmp(url, "smtps://", 8) == 0 && url[8] != '\0') ||
-		(pg_strncasecmp(url, "smtp://", 7) == 0 && url[7] != '\0'))
-		return;
-	ereport(ERROR,
-			(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-			 errmsg("crmpay.smtp_url is not an smtp:// or smtps:// URL"),
-			 errhint("Set crmpay.smtp_url to something like smtps://mail.example.com:465 or smtp://mail.example.com:587 (STARTTLS).")));
+	if (!crmpay_smtp_url_ok(url))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("crmpay.smtp_url is not an smtp:// or smtps:// URL"),
+				 errhint("Set crmpay.smtp_url to something like smtps://mail.example.com:465 or smtp://mail.example.com:587 (STARTTLS).")));
 }
 
 /*

@@ -55,6 +55,7 @@ typedef struct CrmpaySmtpRequest
 typedef struct CrmpayMulti CrmpayMulti;
 
 extern void crmpay_http_check_url(const char *url, const char *what);
+extern bool crmpay_smtp_url_ok(const char *url);
 extern void crmpay_smtp_check_url(const char *url);
 extern const char *crmpay_http_library_versions(void);
 extern void crmpay_http_perform(const CrmpayHttpRequest *request,

@@ -512,12 +512,20 @@ claimed_rows(List *rows)
 	return rows;
 }
 
-/* The lease of a claimed job: at least long enough for its request. */
+/*
+ * The lease of a claimed job: crmpay.job_lease, but never shorter than its
+ * request may take, counting the wait for a connection to its host (at
+ * worst max_concurrent_requests / max_host_connections requests ahead of
+ * it), so that a live worker's job is never claimed a second time.
+ */
 static double
 lease_seconds(void)
 {
+	double		rounds = ceil((double) crmpay_max_concurrent_requests /
+							  Max(1, Min(crmpay_max_host_connections, crmpay_max_concurrent_requests)));
+
 	return Max((double) crmpay_job_lease_s,
-			   2.0 * (crmpay_request_timeout_ms + crmpay_connect_timeout_ms) / 1000.0 + 60.0);
+			   rounds * (crmpay_request_timeout_ms + crmpay_connect_timeout_ms) / 1000.0 + 60.0);
 }
 
 /*

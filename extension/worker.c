@@ -200,12 +200,7 @@ check_databases(char **newval, void **extra, GucSource source)
 static bool
 check_smtp_url(char **newval, void **extra, GucSource source)
 {
-	const char *url = *newval;
-
-	if (url == NULL || url[0] == '\0')
-		return true;
-	if ((pg_strncasecmp(url, "smtps://", 8) == 0 && url[8] != '\0') ||
-		(pg_strncasecmp(url, "smtp://", 7) == 0 && url[7] != '\0'))
+	if (*newval == NULL || (*newval)[0] == '\0' || crmpay_smtp_url_ok(*newval))
 		return true;
 	GUC_check_errdetail("crmpay.smtp_url must be an smtps:// or smtp:// URL.");
 	GUC_check_errhint("For example smtps://mail.example.com:465, or smtp://mail.example.com:587 with STARTTLS.");

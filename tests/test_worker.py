@@ -116,6 +116,22 @@ def test_sighup_reloads_the_concurrency_cap(worker_cluster, shop, stripe):
     assert times[-1] - times[0] < 0.25, f"requests were not concurrent: {times}"
 
 
+def test_per_host_connection_cap(worker_cluster, shop, stripe):
+    stripe.configure(latency=0.3)
+    set_worker_settings(worker_cluster, {"crmpay.max_concurrent_requests": 8,
+                                         "crmpay.max_host_connections": 2})
+    shop.execute("BEGIN")
+    for i in range(6):
+        request_link(shop, f"HOST-{i}")
+    shop.execute("COMMIT")
+    assert wait_until_drained(worker_cluster) == {"done": 6}
+    times = sorted(r["time"] for r in stripe.requests() if r["path"] == "/v1/checkout/sessions")
+    assert len(times) == 6
+    # never more than two at once at the one gateway host: pairs 0.3 s apart
+    assert all(times[i + 2] - times[i] >= 0.25 for i in range(4)), f"more than 2 at once: {times}"
+    assert times[-1] - times[0] < 1.2
+
+
 def test_sigterm_stops_it_and_its_replacement_repeats_no_link(worker_cluster, shop, stripe):
     stripe.configure(latency=1.5)
     pid = wait_for_worker(worker_cluster)
