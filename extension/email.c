@@ -20,6 +20,8 @@
  */
 #include "crmpay.h"
 
+#include <ctype.h>
+
 #include "fmgr.h"
 #include "mb/pg_wchar.h"
 #include "pgtime.h"
@@ -267,27 +269,14 @@ one_line(const char *s)
 	return copy;
 }
 
-/*
- * Appends header text: as is when it is short printable ASCII, else as
- * RFC 2047 base64 encoded words of whole UTF-8 characters, folded.
- */
+/* Appends text as RFC 2047 base64 encoded words of whole UTF-8 characters, folded. */
 static void
-append_header_text(StringInfo buf, const char *header)
+append_encoded_words(StringInfo buf, const char *header)
 {
 	const unsigned char *s = (const unsigned char *) header;
 	size_t		len = strlen(header);
-	size_t		i;
-	bool		plain = len <= 70;
+	size_t		i = 0;
 
-	for (i = 0; plain && i < len; i++)
-		if (s[i] < 0x20 || s[i] >= 0x7f || (s[i] == '=' && i + 1 < len && s[i + 1] == '?'))
-			plain = false;
-	if (plain)
-	{
-		appendStringInfoString(buf, header);
-		return;
-	}
-	i = 0;
 	while (i < len)
 	{
 		size_t		chunk = 0;
@@ -312,6 +301,48 @@ append_header_text(StringInfo buf, const char *header)
 		appendStringInfo(buf, "=?UTF-8?B?%s?=", encoded);
 		i += chunk;
 	}
+}
+
+/*
+ * Appends unstructured header text (the subject): as is when it is short
+ * printable ASCII, else as encoded words.
+ */
+static void
+append_header_text(StringInfo buf, const char *header)
+{
+	const unsigned char *s = (const unsigned char *) header;
+	size_t		len = strlen(header);
+	size_t		i;
+	bool		plain = len <= 70;
+
+	for (i = 0; plain && i < len; i++)
+		if (s[i] < 0x20 || s[i] >= 0x7f || (s[i] == '=' && i + 1 < len && s[i + 1] == '?'))
+			plain = false;
+	if (plain)
+		appendStringInfoString(buf, header);
+	else
+		append_encoded_words(buf, header);
+}
+
+/*
+ * Appends a sender's display name: as is when it is plain words (letters,
+ * digits, spaces and RFC 5322 "atext" punctuation), else as encoded words,
+ * so that commas, quotes or angle brackets in it cannot change the
+ * address the header names.
+ */
+static void
+append_display_name(StringInfo buf, const char *name)
+{
+	const char *p;
+
+	for (p = name; *p; p++)
+		if (!(isalnum((unsigned char) *p) || strchr(" !#$%&'*+-/=?^_`{|}~", *p) != NULL) ||
+			(unsigned char) *p >= 0x80)
+			break;
+	if (*p == '\0' && strlen(name) <= 70 && strstr(name, "=?") == NULL)
+		appendStringInfoString(buf, name);
+	else
+		append_encoded_words(buf, name);
 }
 
 /* Appends a body part: base64 of the UTF-8 text in 76-character lines. */
@@ -377,7 +408,7 @@ crmpay_email_build(const CrmpayJson *payload, int64 job_id, size_t *len)
 	appendStringInfoString(&buf, "From: ");
 	if (from_name != NULL && from_name[0] != '\0')
 	{
-		append_header_text(&buf, one_line(from_name));
+		append_display_name(&buf, one_line(from_name));
 		appendStringInfoChar(&buf, ' ');
 	}
 	appendStringInfo(&buf, "<%s>\r\n", from);

@@ -256,25 +256,34 @@ column_changed(TriggerData *trigdata, const char *column)
 }
 
 /*
- * Runs the write-back in a subtransaction: a failure (the CRM's own
- * constraint or trigger) becomes a WARNING and an order_sync_failed alert
- * rather than failing the payment change (a webhook, the worker).
+ * Runs the write-back in a subtransaction, as the role that linked the
+ * table: the CRM table's own triggers, constraints and policies then run
+ * with that role's rights, never with crmpay's (a superuser's).  A failure
+ * there becomes a WARNING and an order_sync_failed alert rather than
+ * failing the payment change (a webhook, the worker).
  */
 static void
 run_sync(SPIPlanPtr plan, Datum *values, const char *nulls, const char *account,
-		 int64 payment_id, const char *order_ref, Oid relid)
+		 int64 payment_id, const char *order_ref, Oid relid, Oid linker)
 {
 	MemoryContext callercxt = CurrentMemoryContext;
 	ResourceOwner owner = CurrentResourceOwner;
+	Oid			save_userid;
+	int			save_sec_context;
 
+	GetUserIdAndSecContext(&save_userid, &save_sec_context);
 	BeginInternalSubTransaction(NULL);
 	MemoryContextSwitchTo(callercxt);
 	PG_TRY();
 	{
-		int			rc = SPI_execute_plan(plan, values, nulls, false, 0);
+		int			rc;
 
+		/* (an error restores the user when the subtransaction aborts) */
+		SetUserIdAndSecContext(linker, save_sec_context | SECURITY_LOCAL_USERID_CHANGE);
+		rc = SPI_execute_plan(plan, values, nulls, false, 0);
 		if (rc != SPI_OK_UPDATE)
 			elog(ERROR, "crmpay: order write-back failed: %s", SPI_result_code_string(rc));
+		SetUserIdAndSecContext(save_userid, save_sec_context);
 		ReleaseCurrentSubTransaction();
 		MemoryContextSwitchTo(callercxt);
 		CurrentResourceOwner = owner;
@@ -397,7 +406,7 @@ crmpay_sync_order(PG_FUNCTION_ARGS)
 		values[2] = CStringGetTextDatum(order_ref);
 		run_sync(plan, values, nulls, column_text(row, desc, "account"),
 				 DatumGetInt64(SPI_getbinval(row, desc, SPI_fnumber(desc, "id"), &isnull)),
-				 order_ref, relid);
+				 order_ref, relid, linker);
 	}
 	SPI_finish();
 	return PointerGetDatum(NULL);

@@ -60,13 +60,13 @@
 #include "worker.h"
 
 /*
- * Most jobs claimed or recorded per transaction.  Each may use a couple of
- * subtransactions with XIDs (its own, the order write-back's); this keeps
- * them well below the 64 a backend can track before every snapshot in the
- * cluster gets slower ("suboverflowed").
+ * Most jobs recorded, and claimed, per transaction.  Each job gets a
+ * subtransaction, and one that writes may use two XIDs (its own and the
+ * order write-back's); the batches keep them within the 64 a backend can
+ * track before every snapshot in the cluster gets slower ("suboverflowed").
  */
 #define OUTBOX_BATCH 16
-#define OUTBOX_CLAIM_BATCH 64
+#define OUTBOX_CLAIM_BATCH 32
 
 /* A job handed to curl and not yet recorded. */
 typedef struct OutboxJob

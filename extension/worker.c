@@ -547,7 +547,9 @@ crmpay_process_utility(PlannedStmt *pstmt, const char *queryString,
 
 	if (shared != NULL)
 	{
-		if (IsA(parsetree, DropdbStmt))
+		/* (DROP DATABASE refuses to run anywhere else) */
+		if (IsA(parsetree, DropdbStmt) && context == PROCESS_UTILITY_TOPLEVEL &&
+			!IsTransactionBlock())
 			stop_worker_for_drop(((DropdbStmt *) parsetree)->dbname);
 		else if (IsA(parsetree, CreatedbStmt) ||
 				 (IsA(parsetree, RenameStmt) &&
@@ -864,6 +866,8 @@ crmpay_worker_main(Datum main_arg)
 	pgstat_report_appname("crmpay worker");
 	/* the internal functions it calls rely on this (see 80_outbox.sql) */
 	SetConfigOption("search_path", "pg_catalog, pg_temp", PGC_SUSET, PGC_S_OVERRIDE);
+	/* short statements only: JIT would just load LLVM into the worker */
+	SetConfigOption("jit", "off", PGC_SUSET, PGC_S_OVERRIDE);
 
 	/* one worker per database, whatever happens to launchers */
 	SpinLockAcquire(&shared->mutex);

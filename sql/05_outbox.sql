@@ -291,8 +291,23 @@ INSERT INTO "CRM data".crm_orders VALUES ('P-2', 4, 'EUR');
 RESET ROLE;
 SELECT account, payload->'order'->>'order_ref' AS order_ref FROM crmpay.jobs
  WHERE order_table = '"CRM data".crm_orders'::regclass;
+-- the write-back runs as the role that linked the table, not as crmpay: the
+-- CRM's own triggers get no superuser rights from it
+GRANT CREATE ON SCHEMA "CRM data" TO regress_crm;
+SET ROLE regress_crm;
+CREATE TABLE "CRM data".who (name name);
+CREATE FUNCTION "CRM data".note_who() RETURNS trigger LANGUAGE plpgsql
+    AS $$ BEGIN INSERT INTO "CRM data".who VALUES (current_user); RETURN NULL; END $$;
+CREATE TRIGGER note_who AFTER UPDATE ON "CRM data".crm_orders
+    FOR EACH ROW EXECUTE FUNCTION "CRM data".note_who();
+RESET ROLE;
+SELECT crmpay._materialize_order(id) IS NOT NULL AS materialized FROM crmpay.jobs
+ WHERE order_table = '"CRM data".crm_orders'::regclass;
+UPDATE crmpay.payments SET url = 'https://pay.example/P-2', status = 'open' WHERE order_ref = 'P-2';
+SELECT ref, url FROM "CRM data".crm_orders;
+SELECT name AS trigger_ran_as FROM "CRM data".who;
 
 SELECT crmpay.unlink_orders('"CRM data".crm_orders');
-DROP TABLE "CRM data".crm_orders;
+DROP TABLE "CRM data".crm_orders, "CRM data".who;
 DROP OWNED BY regress_app, regress_admin, regress_crm;
 DROP ROLE regress_app, regress_admin, regress_crm;

@@ -158,3 +158,19 @@ def test_plain_smtp_is_refused(worker_cluster, shop, stripe):
         assert "SMTP delivery failed" in mail["last_error"]
     finally:
         controller.stop()
+
+
+def test_sender_name_cannot_change_the_sender(worker_cluster, shop, stripe, smtp_server):
+    set_worker_settings(worker_cluster, {"crmpay.smtp_url": smtp_server.url})
+    tricky = 'Shop, "Inc" <evil@example.net>'
+    use_templates(shop, stripe, email_from_name=tricky, email_subject="Order {{order_ref}}\r\nBcc: x@example.net")
+    crm_orders_table(shop)
+    shop.execute("INSERT INTO orders (order_no, customer, total, email) VALUES ('M-6', 'Fe', 3, 'fe@example.com')")
+    wait_until_drained(worker_cluster)
+    [(_, rcpt_tos, raw, _)] = smtp_server.messages
+    assert rcpt_tos == ["fe@example.com"]
+    msg = parse(raw)
+    [sender] = msg["From"].addresses
+    assert (sender.display_name, sender.addr_spec) == (tricky, "shop@example.com")
+    assert msg["Subject"] == "Order M-6  Bcc: x@example.net"
+    assert msg["Bcc"] is None
