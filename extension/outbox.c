@@ -582,15 +582,44 @@ claim_jobs(int want)
 	}
 	MemoryContextSwitchTo(callercxt);
 	claimed = list_length(rows);
+	/*
+	 * Commit the claim (and its attempt) before preparing anything: should
+	 * a job make the worker die while it is prepared, it has used up one
+	 * attempt, and it cannot make the server restart in a loop.
+	 */
+	end_tx();
+	if (claimed == 0)
+		return 0;
 
+	if (!begin_tx("crmpay worker: preparing requests"))
+		return -1;
 	foreach(lc, rows)
 	{
 		Claimed    *c = lfirst(lc);
-		MemoryContext cxt = AllocSetContextCreate(jobs_cxt, "crmpay job", ALLOCSET_SMALL_SIZES);
-		OutboxJob  *job = MemoryContextAllocZero(cxt, sizeof(OutboxJob));
-		Prepare		p = {c, job, false, false};
+		MemoryContext cxt;
+		OutboxJob  *job;
+		Prepare		p = {c, NULL, false, false};
 		ErrorData  *edata;
 
+		if (c->attempts > crmpay_max_attempts)
+		{
+			/* claimed that often without an outcome: it stops its worker */
+			Failure		f = {0};
+
+			f.id = c->id;
+			f.attempts = c->attempts;
+			f.retry_after_s = -1;
+			f.error = psprintf("claimed %d times without an outcome: the worker stopped while it was in flight",
+							   c->attempts - 1);
+			f.code = unpack_sql_state(ERRCODE_INTERNAL_ERROR);
+			if (!in_subxact(record_failure, &f, &edata))
+				elog(ERROR, "crmpay: could not record job " INT64_FORMAT " as dead: %s",
+					 c->id, edata->message);
+			continue;
+		}
+		cxt = AllocSetContextCreate(jobs_cxt, "crmpay job", ALLOCSET_SMALL_SIZES);
+		job = MemoryContextAllocZero(cxt, sizeof(OutboxJob));
+		p.job = job;
 		job->cxt = cxt;
 		job->id = c->id;
 		job->email = c->email;

@@ -125,6 +125,23 @@ def test_backoff_grows_with_full_jitter_and_ends_dead(worker_cluster, shop, stri
     assert stripe_created_per_key(stripe) == {row["idempotency_key"]: 1}
 
 
+def test_a_job_that_keeps_stopping_its_worker_goes_dead(worker_cluster, shop, stripe):
+    """A job claimed again and again with no outcome recorded (its worker died
+    each time, say on a crash) is dead once out of attempts: no crash loop."""
+    set_worker_settings(worker_cluster, {"crmpay.max_attempts": 3})
+    shop.execute("BEGIN")
+    request_link(shop, "POISON-1")
+    # as left by three workers that died with it in flight, the last lease over
+    shop.execute("UPDATE crmpay.jobs SET state = 'running', attempts = 3, run_at = now() - interval '1 s'")
+    shop.execute("COMMIT")
+    wait_until_drained(worker_cluster)
+    [job] = job_rows(shop)
+    assert job["state"] == "dead" and job["attempts"] == 4
+    assert job["last_error"] == "claimed 3 times without an outcome: the worker stopped while it was in flight"
+    assert sessions(stripe) == []
+    assert query(worker_cluster, WORKER_DB, "SELECT kind FROM crmpay.alerts") == [("job_dead",)]
+
+
 def test_refusals_are_dead_at_once_with_the_gateways_error(worker_cluster, shop, stripe):
     listener = worker_cluster.connect(WORKER_DB)
     notes = []
