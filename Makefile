@@ -31,6 +31,10 @@ all install:
 	@echo "PGXS not found: run 'make deps' first (installs postgresql-server-dev-15)" >&2; exit 1
 endif
 
+# PGXS does not track headers: rebuild every object when any header changes
+# (a stale object compiled against an older struct layout corrupts memory).
+$(OBJS): $(wildcard extension/*.h)
+
 extension/crmpay--$(EXTVERSION).sql: $(sort $(wildcard extension/sql/*.sql))
 	cat $^ > $@
 

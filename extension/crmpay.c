@@ -18,6 +18,7 @@
 #include "miscadmin.h"
 #include "utils/guc.h"
 
+#include "provider.h"
 #include "worker.h"
 
 PG_MODULE_MAGIC;
@@ -103,6 +104,7 @@ _PG_init(void)
 							NULL, NULL, NULL);
 
 	crmpay_worker_define_gucs();
+	crmpay_paypal_define_gucs();
 
 	MarkGUCPrefixReserved("crmpay");
 

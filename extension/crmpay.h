@@ -24,44 +24,12 @@ extern int	crmpay_request_timeout_ms;
 extern int	crmpay_webhook_tolerance_s;
 extern int	crmpay_max_webhook_bytes;
 
-/* Largest JSON nesting we hand to the server's recursive JSON parser. */
-#define CRMPAY_MAX_JSON_DEPTH 64
-
 /* ----------------------------------------------------------------
- * json.c: a small, non-throwing JSON tree reader
+ * json.c: a small, non-throwing JSON tree reader (see json.h)
  * ----------------------------------------------------------------
  */
-typedef enum CrmpayJsonKind
-{
-	CRMPAY_JSON_NULL,
-	CRMPAY_JSON_BOOL,
-	CRMPAY_JSON_NUMBER,
-	CRMPAY_JSON_STRING,
-	CRMPAY_JSON_OBJECT,
-	CRMPAY_JSON_ARRAY
-} CrmpayJsonKind;
+#include "json.h"
 
-typedef struct CrmpayJson
-{
-	CrmpayJsonKind kind;
-	char	   *text;			/* scalars: de-escaped string, or literal */
-	int			count;			/* objects and arrays: members */
-	int			capacity;
-	char	  **keys;			/* objects only */
-	struct CrmpayJson **items;
-	struct CrmpayJson *parent;
-} CrmpayJson;
-
-extern CrmpayJson *crmpay_json_parse(const char *text, size_t len,
-									 const char **error);
-extern const CrmpayJson *crmpay_json_member(const CrmpayJson *object,
-											const char *key);
-extern const CrmpayJson *crmpay_json_path(const CrmpayJson *root,
-										  const char *dotted_path);
-extern const char *crmpay_json_str(const CrmpayJson *root,
-								   const char *dotted_path);
-extern bool crmpay_json_int64(const CrmpayJson *root, const char *dotted_path,
-							  int64 *out);
 extern CrmpayJson *crmpay_json_from_jsonb_datum(Datum jsonb);
 
 /* Largest MAC or digest crmpay computes (SHA-512) */

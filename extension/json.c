@@ -13,17 +13,37 @@
  *
  *-------------------------------------------------------------------------
  */
+#ifdef FRONTEND
+/* the fuzz harnesses build the tree reader alone, against libpgcommon */
+#include "postgres_fe.h"
+#include "json.h"
+#else
 #include "crmpay.h"
 
-#include "common/jsonapi.h"
 #include "fmgr.h"
-#include "mb/pg_wchar.h"
 #include "utils/builtins.h"
 #include "utils/formatting.h"
 #include "utils/jsonb.h"
 #include "utils/memutils.h"
+#endif
+
+#include "common/jsonapi.h"
+#include "mb/pg_wchar.h"
 
 #include "codec.h"
+
+#ifdef FRONTEND
+#define JSON_ENCODING PG_UTF8
+#define TEXT_IS_VALID(t, n) (pg_encoding_verifymbstr(PG_UTF8, (t), (n)) == (n))
+#define JSON_ERROR_TEXT(rc, lex) "invalid JSON"
+#ifndef MaxAllocSize
+#define MaxAllocSize ((size_t) 0x3fffffff)
+#endif
+#else
+#define JSON_ENCODING GetDatabaseEncoding()
+#define TEXT_IS_VALID(t, n) pg_verifymbstr((t), (n), true)
+#define JSON_ERROR_TEXT(rc, lex) json_errdetail((rc), (lex))
+#endif
 
 typedef struct JsonBuildState
 {
@@ -178,14 +198,14 @@ crmpay_json_parse(const char *text, size_t len, const char **error)
 		return NULL;
 	}
 
-	if (!pg_verifymbstr(text, (int) len, true))
+	if (!TEXT_IS_VALID(text, (int) len))
 	{
 		*error = "JSON text is not valid in the database encoding";
 		return NULL;
 	}
 
 	copy = pnstrdup(text, len);
-	lex = makeJsonLexContextCstringLen(copy, (int) len, GetDatabaseEncoding(), true);
+	lex = makeJsonLexContextCstringLen(copy, (int) len, JSON_ENCODING, true);
 
 	sem.semstate = &state;
 	sem.object_start = json_object_start;
@@ -197,10 +217,9 @@ crmpay_json_parse(const char *text, size_t len, const char **error)
 
 	rc = pg_parse_json(lex, &sem);
 	if (rc != JSON_SUCCESS)
-	{
-		*error = json_errdetail(rc, lex);
+		*error = JSON_ERROR_TEXT(rc, lex);
+	if (rc != JSON_SUCCESS)
 		return NULL;
-	}
 	return state.root;
 }
 
@@ -293,6 +312,8 @@ crmpay_json_int64(const CrmpayJson *root, const char *dotted_path, int64 *out)
 	return true;
 }
 
+#ifndef FRONTEND
+
 /* Builds a tree from a jsonb datum (already validated by the server). */
 CrmpayJson *
 crmpay_json_from_jsonb_datum(Datum jsonb_datum)
@@ -314,51 +335,83 @@ crmpay_json_from_jsonb_datum(Datum jsonb_datum)
  *		Names are matched case-insensitively later, so they are lower-cased
  *		here.  A value may also be an array of strings (a header repeated);
  *		its parts are joined with ", " as HTTP allows.  Other value types are
- *		ignored.
+ *		ignored.  Walks the jsonb directly: this runs for every delivery and
+ *		every crmpay.verify_signature() call.
  */
 CrmpayHeaders *
 crmpay_headers_from_jsonb(Datum jsonb)
 {
-	CrmpayJson *tree = crmpay_json_from_jsonb_datum(jsonb);
+	Jsonb	   *in = DatumGetJsonbP(jsonb);
 	CrmpayHeaders *headers = palloc0(sizeof(CrmpayHeaders));
-	int			i;
+	JsonbIterator *it;
+	JsonbValue	v;
+	JsonbIteratorToken tok;
+	char	   *name = NULL;
+	StringInfoData joined;
+	int			capacity;
+	int			depth = 0;
+	bool		in_array = false;
 
-	if (tree->kind != CRMPAY_JSON_OBJECT)
+	if (!JB_ROOT_IS_OBJECT(in) || JB_ROOT_IS_SCALAR(in))
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("webhook headers must be a JSON object"),
 				 errhint("Pass the request's headers as {\"Header-Name\": \"value\", ...}.")));
 
-	headers->items = palloc0(sizeof(CrmpayHeader) * Max(tree->count, 1));
-	for (i = 0; i < tree->count; i++)
+	capacity = Max(JB_ROOT_COUNT(in), 1);
+	headers->items = palloc0(sizeof(CrmpayHeader) * capacity);
+	initStringInfo(&joined);
+	it = JsonbIteratorInit(&in->root);
+	while ((tok = JsonbIteratorNext(&it, &v, false)) != WJB_DONE)
 	{
-		CrmpayJson *value = tree->items[i];
-		char	   *text = NULL;
-
-		if (value->kind == CRMPAY_JSON_STRING)
-			text = value->text;
-		else if (value->kind == CRMPAY_JSON_ARRAY)
+		switch (tok)
 		{
-			StringInfoData buf;
-			int			j;
-
-			initStringInfo(&buf);
-			for (j = 0; j < value->count; j++)
-			{
-				if (value->items[j]->kind != CRMPAY_JSON_STRING)
-					continue;
-				if (buf.len > 0)
-					appendStringInfoString(&buf, ", ");
-				appendStringInfoString(&buf, value->items[j]->text);
-			}
-			text = buf.data;
+			case WJB_BEGIN_OBJECT:
+			case WJB_BEGIN_ARRAY:
+				depth++;
+				if (depth == 2 && tok == WJB_BEGIN_ARRAY && name != NULL)
+				{
+					in_array = true;
+					resetStringInfo(&joined);
+				}
+				break;
+			case WJB_END_OBJECT:
+			case WJB_END_ARRAY:
+				if (depth == 2 && in_array)
+				{
+					headers->items[headers->count].name = name;
+					headers->items[headers->count].value = pstrdup(joined.data);
+					headers->count++;
+					in_array = false;
+				}
+				depth--;
+				break;
+			case WJB_KEY:
+				if (depth == 1)
+					name = asc_tolower(v.val.string.val, v.val.string.len);
+				break;
+			case WJB_VALUE:
+				/* a scalar member of the top object */
+				if (depth == 1 && v.type == jbvString)
+				{
+					headers->items[headers->count].name = name;
+					headers->items[headers->count].value = pnstrdup(v.val.string.val, v.val.string.len);
+					headers->count++;
+				}
+				break;
+			case WJB_ELEM:
+				if (depth == 2 && in_array && v.type == jbvString)
+				{
+					if (joined.len > 0)
+						appendStringInfoString(&joined, ", ");
+					appendBinaryStringInfo(&joined, v.val.string.val, v.val.string.len);
+				}
+				break;
+			default:
+				break;
 		}
-		if (text == NULL)
-			continue;
-		headers->items[headers->count].name = asc_tolower(tree->keys[i], strlen(tree->keys[i]));
-		headers->items[headers->count].value = text;
-		headers->count++;
 	}
+	pfree(joined.data);
 	return headers;
 }
 
@@ -375,3 +428,5 @@ crmpay_header_get(const CrmpayHeaders *headers, const char *name)
 			return headers->items[i].value;
 	return NULL;
 }
+
+#endif							/* !FRONTEND */

@@ -76,6 +76,7 @@ typedef struct OutboxJob
 	bool		email;			/* send_email, else create_link */
 	char	   *account;
 	int			attempts;
+	bool		fresh_credentials;	/* asked the provider for new ones */
 	CrmpayHttpResponse response;	/* once finished */
 	struct OutboxJob *next;		/* in the finished list */
 } OutboxJob;
@@ -89,6 +90,7 @@ typedef struct Claimed
 	bool		has_payment;
 	Datum		payload;		/* jsonb */
 	int			attempts;
+	int			last_status;	/* HTTP status of the previous attempt, 0 if none */
 } Claimed;
 
 static MemoryContext jobs_cxt = NULL;	/* parent of the jobs' contexts */
@@ -123,7 +125,8 @@ enum
 };
 
 #define CLAIM_RETURNING \
-	" RETURNING j.id, j.kind = 'send_email', j.account, j.payment_id IS NOT NULL, j.payload, j.attempts"
+	" RETURNING j.id, j.kind = 'send_email', j.account, j.payment_id IS NOT NULL, j.payload," \
+	"           j.attempts, j.last_http_status"
 
 static SPIPlanPtr plans[NUM_PLANS];
 
@@ -437,6 +440,8 @@ prepare_job(void *arg)
 	{
 		CrmpayAccount *account;
 		CrmpayHttpRequest http;
+		CrmpayLinkResult result;
+		CrmpayGatewayFailure failure;
 		Datum		request = c->payload;
 
 		if (!c->has_payment)
@@ -460,7 +465,30 @@ prepare_job(void *arg)
 			ereport(ERROR,
 					(errcode(ERRCODE_UNDEFINED_OBJECT),
 					 errmsg("payment account \"%s\" does not exist", c->account)));
-		crmpay_link_prepare(account, crmpay_link_request_from_json(payload), &http);
+		if (crmpay_link_prepare(account, crmpay_link_request_from_json(payload), &http, &result))
+		{
+			/* made without a gateway call (a signed form): nothing to send */
+			Datum		values[2];
+
+			values[0] = Int64GetDatum(c->id);
+			values[1] = CStringGetTextDatum(crmpay_link_result_json(&result));
+			run_plan(PLAN_LINK_CREATED, values, NULL, SPI_OK_SELECT);
+			MemoryContextSwitchTo(oldcxt);
+			return;
+		}
+		if (account->provider->authorize != NULL)
+		{
+			/*
+			 * The provider's credentials (an OAuth token, shared through the
+			 * database); new ones when the last attempt got a 401.
+			 */
+			job->fresh_credentials = (c->last_status == 401);
+			if (!account->provider->authorize(account, &http, job->fresh_credentials, &failure))
+			{
+				p->retryable = failure.retryable;
+				crmpay_raise_gateway_failure(account, &failure);
+			}
+		}
 		crmpay_multi_add_http(multi, &http, tag);
 		MemoryContextSwitchTo(oldcxt);
 	}
@@ -507,6 +535,9 @@ claimed_rows(List *rows)
 		c->has_payment = DatumGetBool(SPI_getbinval(tuple, desc, 4, &isnull));
 		c->payload = datumCopy(SPI_getbinval(tuple, desc, 5, &isnull), false, -1);
 		c->attempts = DatumGetInt32(SPI_getbinval(tuple, desc, 6, &isnull));
+		c->last_status = DatumGetInt32(SPI_getbinval(tuple, desc, 7, &isnull));
+		if (isnull)
+			c->last_status = 0;
 		rows = lappend(rows, c);
 	}
 	return rows;
@@ -732,6 +763,10 @@ record_outcome(void *arg)
 			return;
 		}
 		f.retryable = failure.retryable;
+		/* a 401 to credentials that may just have expired: once more with new ones */
+		if (failure.kind == CRMPAY_FAIL_AUTH && failure.http_status == 401 &&
+			account->provider->authorize != NULL && !job->fresh_credentials)
+			f.retryable = true;
 		if (failure.http_status == 429 || failure.http_status == 503)
 			f.retry_after_s = failure.retry_after;
 		f.error = crmpay_describe_failure(account, &failure);

@@ -26,18 +26,14 @@
 #include "utils/memutils.h"
 
 /* Gateways accepted by add_account that have no implementation yet. */
-static const CrmpayProvider paypal_placeholder = {.name = "paypal"};
-static const CrmpayProvider braintree_placeholder = {.name = "braintree"};
-static const CrmpayProvider adyen_placeholder = {.name = "adyen"};
-static const CrmpayProvider redsys_placeholder = {.name = "redsys"};
 
 /* The registry: one line per gateway. */
 static const CrmpayProvider *const providers[] = {
 	&crmpay_stripe_provider,
-	&paypal_placeholder,
-	&braintree_placeholder,
-	&adyen_placeholder,
-	&redsys_placeholder,
+	&crmpay_paypal_provider,
+	&crmpay_braintree_provider,
+	&crmpay_adyen_provider,
+	&crmpay_redsys_provider,
 };
 
 /* "stripe, paypal, ..." for error hints. */
@@ -197,6 +193,15 @@ read_account(const char *name)
 		if (!isnull)
 			account->webhook_secret = crmpay_decrypt_secret(DatumGetByteaPP(d),
 															psprintf("crmpay:%s:webhook_secret", name));
+		if (account->webhook_secret == NULL &&
+			account->provider->webhook_secret_credential != NULL)
+		{
+			/* the gateway signs webhooks with one of the credentials */
+			const char *key = crmpay_json_str(account->credentials,
+											  account->provider->webhook_secret_credential);
+
+			account->webhook_secret = key ? pstrdup(key) : NULL;
+		}
 		account->api_base = crmpay_setting(account, "api_base");
 		if (account->api_base == NULL)
 			account->api_base = account->provider->default_api_base;
@@ -505,34 +510,74 @@ crmpay_raise_gateway_failure(const CrmpayAccount *account,
 }
 
 /*
- * crmpay_link_prepare
- *		Builds the gateway request that creates a payment link (checks the
- *		account can do it and that its api_base is allowed).  Shared by the
- *		synchronous path and the worker, which sends many at once.  Raises
- *		for configuration errors, which no retry would fix.
+ * crmpay_gateway_call
+ *		Sends one request to the account's gateway: lets the provider add its
+ *		credentials (authorize), and when the gateway answers 401, has them
+ *		refreshed once and sends the request again.  Returns true for a 2xx
+ *		answer; false with *failure classified otherwise.
  */
-void
+bool
+crmpay_gateway_call(const CrmpayAccount *account, CrmpayHttpRequest *request,
+					CrmpayHttpResponse *response, CrmpayGatewayFailure *failure)
+{
+	const CrmpayProvider *provider = account->provider;
+	List	   *base_headers = request->headers;
+	int			attempt;
+
+	memset(failure, 0, sizeof(*failure));
+	for (attempt = 0; attempt < 2; attempt++)
+	{
+		request->headers = list_copy(base_headers);
+		if (provider->authorize != NULL &&
+			!provider->authorize(account, request, attempt > 0, failure))
+			return false;
+		crmpay_http_perform(request, response);
+		if (provider->authorize == NULL || response->transport != CRMPAY_TRANSPORT_OK ||
+			response->status != 401)
+			break;
+	}
+	request->headers = base_headers;
+	crmpay_classify_http_failure(account, response, failure);
+	return failure->kind == CRMPAY_FAIL_NONE;
+}
+
+/*
+ * crmpay_link_prepare
+ *		The first half of creating a payment link, shared by the synchronous
+ *		path and the worker (which sends many at once): checks the account
+ *		can do it, and either makes the link at once without a gateway call
+ *		(providers with local_link; returns true with *result filled) or
+ *		builds the gateway request without credentials (returns false; the
+ *		caller has the provider's authorize add them).  Raises for
+ *		configuration errors, which no retry would fix.
+ */
+bool
 crmpay_link_prepare(const CrmpayAccount *account,
 					const CrmpayLinkRequest *request,
-					CrmpayHttpRequest *http)
+					CrmpayHttpRequest *http,
+					CrmpayLinkResult *result)
 {
 	const CrmpayProvider *provider = account->provider;
 
 	require_operation(provider, provider->build_create_link, "creating payment links");
+	memset(result, 0, sizeof(*result));
+	memset(http, 0, sizeof(*http));
+	if (provider->local_link != NULL && provider->local_link(account, request, result))
+		return true;
 	if (account->api_base == NULL)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("account \"%s\" has no api_base setting", account->name)));
 	crmpay_http_check_url(account->api_base, "the account's api_base");
-	memset(http, 0, sizeof(*http));
 	provider->build_create_link(account, request, http);
+	return false;
 }
 
 /*
  * crmpay_link_finish
- *		Reads the gateway's answer to a create-link request: true with
- *		*result filled, or false with *failure saying why (and whether a
- *		retry with the same idempotency key may succeed).
+ *		The second half: reads the gateway's answer to a create-link
+ *		request.  True with *result filled, or false with *failure saying
+ *		why (and whether a retry with the same idempotency key may succeed).
  */
 bool
 crmpay_link_finish(const CrmpayAccount *account,
@@ -546,8 +591,12 @@ crmpay_link_finish(const CrmpayAccount *account,
 		return false;
 	if (!account->provider->parse_create_link(account, response, result, failure))
 	{
-		failure->kind = CRMPAY_FAIL_BAD_RESPONSE;
-		failure->retryable = true;
+		/* a gateway may refuse inside a 2xx (Redsys); keep its verdict */
+		if (failure->kind == CRMPAY_FAIL_NONE)
+		{
+			failure->kind = CRMPAY_FAIL_BAD_RESPONSE;
+			failure->retryable = true;
+		}
 		failure->http_status = (int) response->status;
 		return false;
 	}
@@ -557,8 +606,9 @@ crmpay_link_finish(const CrmpayAccount *account,
 /*
  * crmpay_create_link
  *		Asks the account's gateway for a payment link, synchronously.
- *		Returns true with *result filled, or false with *failure.  Raises
- *		only for programming or configuration errors and interrupts.
+ *		Returns true with *result filled, or false with *failure saying why
+ *		(and whether a retry with the same idempotency key may succeed).
+ *		Raises only for programming or configuration errors and interrupts.
  */
 bool
 crmpay_create_link(const CrmpayAccount *account,
@@ -569,10 +619,11 @@ crmpay_create_link(const CrmpayAccount *account,
 	CrmpayHttpRequest http;
 	CrmpayHttpResponse response;
 
-	memset(result, 0, sizeof(*result));
 	memset(failure, 0, sizeof(*failure));
-	crmpay_link_prepare(account, request, &http);
-	crmpay_http_perform(&http, &response);
+	if (crmpay_link_prepare(account, request, &http, result))
+		return true;
+	if (!crmpay_gateway_call(account, &http, &response, failure))
+		return false;
 	return crmpay_link_finish(account, &response, result, failure);
 }
 
@@ -587,6 +638,7 @@ crmpay_new_event(void)
 
 	event->amount_minor = -1;
 	event->refunded_minor = -1;
+	event->refund_minor = -1;
 	return event;
 }
 
@@ -662,7 +714,10 @@ crmpay_link_result_json(const CrmpayLinkResult *result)
 	appendStringInfoString(&buf, "{\"gateway_ref\": ");
 	escape_json(&buf, result->gateway_ref);
 	appendStringInfoString(&buf, ", \"url\": ");
-	escape_json(&buf, result->url);
+	if (result->url != NULL)
+		escape_json(&buf, result->url);
+	else
+		appendStringInfoString(&buf, "null");	/* a link without a URL (Redsys form) */
 	appendStringInfoString(&buf, ", \"status\": ");
 	escape_json(&buf, result->status ? result->status : "open");
 	if (result->expires_at != 0)

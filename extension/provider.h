@@ -88,6 +88,19 @@ typedef struct CrmpayWebhookEvent
 	int64		amount_minor;	/* -1 when not given */
 	char	   *currency;		/* upper-case; NULL when not given */
 	int64		refunded_minor; /* cumulative refunded amount, -1 if n/a */
+	int64		refund_minor;	/* one refund's own amount, for gateways that
+								 * report refunds one by one (Adyen, Redsys);
+								 * webhook.c adds it to the payment's refunded
+								 * total, which decides refunded or
+								 * partially_refunded; -1 if n/a */
+	const char *follow_up;		/* gateway call due once applied ("capture"), or NULL */
+	const char *rejected_reason;	/* non-NULL: this event failed its own
+									 * authenticity check (one item of a
+									 * batch); recorded as rejected, never
+									 * applied */
+	const char *ignore_reason;	/* non-NULL: authentic but not applicable
+								 * (other merchant account, amount not
+								 * representable...); recorded as ignored */
 } CrmpayWebhookEvent;
 
 /* Result of checking a delivery's authenticity. */
@@ -103,6 +116,13 @@ typedef struct CrmpayProvider
 	const char *default_api_base;
 	const char *webhook_ack;	/* reply body for an accepted delivery */
 
+	/*
+	 * Name of the credentials member that also signs webhooks, for gateways
+	 * with one key for both (Redsys); NULL when webhooks have their own
+	 * secret (webhook_secret).
+	 */
+	const char *webhook_secret_credential;
+
 	/* Checks the credentials/settings shapes for add_account; ERROR if bad. */
 	void		(*validate_account) (const CrmpayJson *credentials,
 									 const CrmpayJson *settings,
@@ -114,7 +134,18 @@ typedef struct CrmpayProvider
 	void		(*build_create_link) (const CrmpayAccount *account,
 									  const CrmpayLinkRequest *request,
 									  CrmpayHttpRequest *out);
-	/* Reads a 2xx answer into *result; false + *failure if unreadable. */
+	/*
+	 * Optional: makes the link without calling the gateway (Redsys' signed
+	 * redirect form) and returns true; false to go through
+	 * build_create_link and HTTP.
+	 */
+	bool		(*local_link) (const CrmpayAccount *account,
+							   const CrmpayLinkRequest *request,
+							   CrmpayLinkResult *result);
+	/*
+	 * Reads a 2xx answer into *result; false + *failure if unreadable (or
+	 * refused in a 2xx, with failure->kind set by the provider).
+	 */
 	bool		(*parse_create_link) (const CrmpayAccount *account,
 									  const CrmpayHttpResponse *response,
 									  CrmpayLinkResult *result,
@@ -131,6 +162,57 @@ typedef struct CrmpayProvider
 	List	   *(*parse_webhook) (const CrmpayHeaders *headers,
 								  const char *body, size_t body_len,
 								  const char **reason);
+
+	/*
+	 * Optional.  Gives a request its credentials just before it is sent
+	 * (an OAuth bearer token, say); refresh is true after the gateway
+	 * answered 401 to the previous ones.  false + *failure when no
+	 * credentials could be had.  Used by crmpay_gateway_call.
+	 */
+	bool		(*authorize) (const CrmpayAccount *account,
+							  CrmpayHttpRequest *request, bool refresh,
+							  CrmpayGatewayFailure *failure);
+	/*
+	 * Optional.  Checks a delivery with the whole account at hand (its
+	 * settings may ask for the gateway's online check); receive_webhook
+	 * prefers it to verify_webhook.  Never raises for bad input.
+	 */
+	CrmpayVerifyResult (*verify_account_webhook) (const CrmpayAccount *account,
+												  const CrmpayHeaders *headers,
+												  const char *body, size_t body_len,
+												  int64 tolerance_s, TimestampTz at);
+
+	/*
+	 * Optional, for gateways that sign each event of a batch on its own
+	 * (Adyen): checks and parses a delivery in one pass.  Returns every
+	 * event, each one that fails its own check carrying rejected_reason;
+	 * NIL + *reason when the delivery as a whole is unusable.  account is
+	 * the receiving account (NULL from crmpay.verify_signature).  When set,
+	 * receive_webhook uses it instead of verify_webhook + parse_webhook.
+	 */
+	List	   *(*receive_events) (const struct CrmpayAccount *account,
+								   const char *secret,
+								   const CrmpayHeaders *headers,
+								   const char *body, size_t body_len,
+								   int64 tolerance_s, TimestampTz at,
+								   const char **reason);
+
+	/*
+	 * Optional link lookups (crmpay.refresh_payment, expire_payment_link):
+	 * build the request that reads a link's current state, the one that
+	 * expires it, and read either 2xx answer into *result (status and
+	 * expires_at; gateway_ref and url may stay NULL).
+	 */
+	void		(*build_get_link) (const struct CrmpayAccount *account,
+								   const char *gateway_ref,
+								   CrmpayHttpRequest *out);
+	void		(*build_expire_link) (const struct CrmpayAccount *account,
+									  const char *gateway_ref,
+									  CrmpayHttpRequest *out);
+	bool		(*parse_link_state) (const struct CrmpayAccount *account,
+									 const CrmpayHttpResponse *response,
+									 CrmpayLinkResult *result,
+									 CrmpayGatewayFailure *failure);
 } CrmpayProvider;
 
 extern const CrmpayProvider *crmpay_find_provider(const char *name,
@@ -139,9 +221,10 @@ extern const char *crmpay_provider_names(void);
 extern CrmpayAccount *crmpay_load_account(const char *name, bool missing_ok);
 extern const char *crmpay_setting(const CrmpayAccount *account,
 								  const char *key);
-extern void crmpay_link_prepare(const CrmpayAccount *account,
+extern bool crmpay_link_prepare(const CrmpayAccount *account,
 								const CrmpayLinkRequest *request,
-								CrmpayHttpRequest *http);
+								CrmpayHttpRequest *http,
+								CrmpayLinkResult *result);
 extern bool crmpay_link_finish(const CrmpayAccount *account,
 							   const CrmpayHttpResponse *response,
 							   CrmpayLinkResult *result,
@@ -162,6 +245,10 @@ extern const char *crmpay_failure_kind_name(CrmpayFailureKind kind);
 extern char *crmpay_describe_failure(const CrmpayAccount *account,
 									 const CrmpayGatewayFailure *failure);
 extern const char *crmpay_failure_sqlstate(const CrmpayGatewayFailure *failure);
+extern bool crmpay_gateway_call(const CrmpayAccount *account,
+								CrmpayHttpRequest *request,
+								CrmpayHttpResponse *response,
+								CrmpayGatewayFailure *failure);
 
 /* Helpers for provider files */
 extern CrmpayWebhookEvent *crmpay_new_event(void);
@@ -170,5 +257,17 @@ extern char *crmpay_header_line(const char *name, const char *value);
 
 /* The providers (one file each) */
 extern const CrmpayProvider crmpay_stripe_provider;
+extern const CrmpayProvider crmpay_redsys_provider;
+extern const CrmpayProvider crmpay_paypal_provider;
+extern const CrmpayProvider crmpay_braintree_provider;
+
+/* paypal.c: its GUCs, and decimal amounts (also used by braintree.c) */
+extern char *crmpay_paypal_cert_hosts;
+extern void crmpay_paypal_define_gucs(void);
+extern int	crmpay_iso_exponent(const char *currency);
+extern bool crmpay_decimal_to_minor(const char *value, int exponent,
+									int64 *out);
+extern char *crmpay_minor_to_decimal(int64 amount_minor, int exponent);
+extern const CrmpayProvider crmpay_adyen_provider;
 
 #endif							/* CRMPAY_PROVIDER_H */

@@ -83,7 +83,8 @@ check_delivery(const char *name, Datum headers_jsonb, bool headers_null,
 	if (account == NULL)
 		return reject(NULL, 404, "unknown account");
 	provider = account->provider;
-	if (provider->verify_webhook == NULL || provider->parse_webhook == NULL)
+	if (provider->receive_events == NULL &&
+		(provider->verify_webhook == NULL || provider->parse_webhook == NULL))
 		return reject(provider->name, 501, "webhooks are not supported for this provider yet");
 	if (account->webhook_secret == NULL)
 		return reject(provider->name, 400, "account has no webhook secret");
@@ -93,15 +94,51 @@ check_delivery(const char *name, Datum headers_jsonb, bool headers_null,
 		return reject(provider->name, 413, "body larger than crmpay.max_webhook_bytes");
 
 	headers = headers_null ? palloc0(sizeof(CrmpayHeaders)) : crmpay_headers_from_jsonb(headers_jsonb);
-	check = provider->verify_webhook(account->webhook_secret, headers,
-									 VARDATA_ANY(body), VARSIZE_ANY_EXHDR(body),
-									 crmpay_webhook_tolerance_s, at);
-	if (!check.valid)
-		return reject(provider->name, 400, check.reason);
+	if (provider->receive_events != NULL)
+	{
+		/*
+		 * The gateway signs each event of a batch on its own: the delivery
+		 * is accepted when at least one event is authentic; the others are
+		 * recorded as rejected, one by one.
+		 */
+		ListCell   *lc;
+		const char *first_rejection = NULL;
+		bool		any_authentic = false;
 
-	v.events = provider->parse_webhook(headers, VARDATA_ANY(body), VARSIZE_ANY_EXHDR(body), &reason);
-	if (v.events == NIL)
-		return reject(provider->name, 400, reason ? reason : "no events in delivery");
+		v.events = provider->receive_events(account, account->webhook_secret, headers,
+											VARDATA_ANY(body), VARSIZE_ANY_EXHDR(body),
+											crmpay_webhook_tolerance_s, at, &reason);
+		if (v.events == NIL)
+			return reject(provider->name, 400, reason ? reason : "no events in delivery");
+		foreach(lc, v.events)
+		{
+			CrmpayWebhookEvent *event = lfirst(lc);
+
+			if (event->rejected_reason == NULL)
+				any_authentic = true;
+			else if (first_rejection == NULL)
+				first_rejection = event->rejected_reason;
+		}
+		if (!any_authentic)
+			return reject(provider->name, 400, first_rejection);
+	}
+	else
+	{
+		if (provider->verify_account_webhook != NULL)
+			check = provider->verify_account_webhook(account, headers,
+													 VARDATA_ANY(body), VARSIZE_ANY_EXHDR(body),
+													 crmpay_webhook_tolerance_s, at);
+		else
+			check = provider->verify_webhook(account->webhook_secret, headers,
+											 VARDATA_ANY(body), VARSIZE_ANY_EXHDR(body),
+											 crmpay_webhook_tolerance_s, at);
+		if (!check.valid)
+			return reject(provider->name, 400, check.reason);
+
+		v.events = provider->parse_webhook(headers, VARDATA_ANY(body), VARSIZE_ANY_EXHDR(body), &reason);
+		if (v.events == NIL)
+			return reject(provider->name, 400, reason ? reason : "no events in delivery");
+	}
 	v.provider = provider->name;
 	v.valid = true;
 	v.http_status = 200;
@@ -127,14 +164,14 @@ intake_plan(int which)
 	{
 		const char *sql;
 		int			nargs;
-		Oid			types[12];
+		Oid			types[13];
 	}			defs[NUM_PLANS] = {
 		[PLAN_INSERT_EVENT] = {
 			"INSERT INTO crmpay.events (account, provider, event_key, event_type, payment_id, outcome,"
-			" reason, old_status, new_status, http_status, headers, body)"
-			" VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
-			12, {TEXTOID, TEXTOID, TEXTOID, TEXTOID, INT8OID, TEXTOID, TEXTOID, TEXTOID, TEXTOID,
-			INT4OID, JSONBOID, TEXTOID}
+			" reason, old_status, new_status, http_status, headers, body, follow_up)"
+			" VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+			13, {TEXTOID, TEXTOID, TEXTOID, TEXTOID, INT8OID, TEXTOID, TEXTOID, TEXTOID, TEXTOID,
+			INT4OID, JSONBOID, TEXTOID, TEXTOID}
 		},
 		/*
 		 * Was this event applied already, and which payment is it about (by
@@ -143,11 +180,11 @@ intake_plan(int which)
 		 * latest status.
 		 */
 		[PLAN_FIND_PAYMENT] = {
-			"SELECT a.applied, p.id, p.status, p.amount_minor, p.currency"
+			"SELECT a.applied, p.id, p.status, p.amount_minor, p.currency, p.refunded_minor"
 			"  FROM (SELECT EXISTS (SELECT 1 FROM crmpay.events e WHERE e.account = $1"
 			"                          AND e.event_key = $5 AND e.outcome = 'applied') AS applied) a"
 			"  LEFT JOIN LATERAL ("
-			"        SELECT id, status, amount_minor, currency FROM crmpay.payments"
+			"        SELECT id, status, amount_minor, currency, refunded_minor FROM crmpay.payments"
 			"         WHERE account = $1 AND (gateway_ref = $2 OR gateway_payment_ref = $3 OR order_ref = $4)"
 			"         ORDER BY CASE WHEN gateway_ref = $2 THEN 1 WHEN gateway_payment_ref = $3 THEN 2 ELSE 3 END"
 			"         LIMIT 1 FOR UPDATE) p ON true",
@@ -191,8 +228,8 @@ record_event(const char *account, const char *provider, const CrmpayWebhookEvent
 			 const char *old_status, const char *new_status, int http_status,
 			 Datum headers, bool headers_null, text *body)
 {
-	Datum		values[12];
-	char		nulls[12];
+	Datum		values[13];
+	char		nulls[13];
 
 	values[0] = text_or_null(account, &nulls[0]);
 	values[1] = text_or_null(provider, &nulls[1]);
@@ -210,17 +247,21 @@ record_event(const char *account, const char *provider, const CrmpayWebhookEvent
 	nulls[10] = headers_null ? 'n' : ' ';
 	values[11] = PointerGetDatum(body);
 	nulls[11] = body ? ' ' : 'n';
+	/* a follow-up (e.g. PayPal's capture) is due only when the event moved the payment */
+	values[12] = text_or_null(event && outcome && strcmp(outcome, "applied") == 0
+							  ? event->follow_up : NULL, &nulls[12]);
 	spi_run(PLAN_INSERT_EVENT, values, nulls, SPI_OK_INSERT);
 }
 
 /*
  * apply_event
  *		Dedupes and applies one authentic event; returns its outcome and
- *		fills *reason, *payment_id and the status change.
+ *		fills *reason, *payment_id and the status change (*old_status and
+ *		*new_status are set when the payment moved).
  */
 static const char *
 apply_event(const char *account, const CrmpayWebhookEvent *event, const char **reason,
-			int64 *payment_id, char **old_status)
+			int64 *payment_id, char **old_status, const char **new_status)
 {
 	Datum		values[5];
 	char		nulls[5];
@@ -231,9 +272,19 @@ apply_event(const char *account, const CrmpayWebhookEvent *event, const char **r
 	char	   *status;
 	int64		amount;
 	char	   *currency;
+	int64		refunded;
+	const char *target = event->new_status;
+	int64		refunded_total = event->refunded_minor;
 
 	*payment_id = 0;
 	*old_status = NULL;
+	*new_status = NULL;
+
+	if (event->event_key == NULL)
+	{
+		*reason = event->ignore_reason ? event->ignore_reason : "event without an id";
+		return "ignored";
+	}
 
 	/* deliveries of the same event are handled one at a time */
 	lock_key = psprintf("crmpay/event\x1f%s\x1f%s", account, event->event_key);
@@ -257,7 +308,12 @@ apply_event(const char *account, const CrmpayWebhookEvent *event, const char **r
 		*reason = "event already applied";
 		return "duplicate";
 	}
-	if (event->new_status == NULL)
+	if (event->ignore_reason != NULL)
+	{
+		*reason = event->ignore_reason;
+		return "ignored";
+	}
+	if (target == NULL)
 	{
 		*reason = psprintf("event type %s does not change payments", event->event_type);
 		return "ignored";
@@ -272,9 +328,10 @@ apply_event(const char *account, const CrmpayWebhookEvent *event, const char **r
 	status = SPI_getvalue(row, desc, 3);
 	amount = DatumGetInt64(SPI_getbinval(row, desc, 4, &isnull));
 	currency = SPI_getvalue(row, desc, 5);
+	refunded = DatumGetInt64(SPI_getbinval(row, desc, 6, &isnull));
 
 	/* money facts must match what was asked for before they count */
-	if ((strcmp(event->new_status, "paid") == 0 || strcmp(event->new_status, "processing") == 0) &&
+	if ((strcmp(target, "paid") == 0 || strcmp(target, "processing") == 0) &&
 		((event->amount_minor >= 0 && event->amount_minor != amount) ||
 		 (event->currency != NULL && strcmp(event->currency, currency) != 0)))
 	{
@@ -284,16 +341,51 @@ apply_event(const char *account, const CrmpayWebhookEvent *event, const char **r
 		return "ignored";
 	}
 
-	if (crmpay_apply_status_locked(*payment_id, status, event->new_status,
-								   event->gateway_payment_ref, event->refunded_minor,
+	/*
+	 * One refund of several (gateways that report each refund on its own):
+	 * it adds to the refunded total, which decides full or partial.  Each
+	 * such event changes the total, so it counts as applied (and is never
+	 * added twice) even when the status stays.
+	 */
+	if (event->refund_minor > 0)
+	{
+		if (event->currency != NULL && strcmp(event->currency, currency) != 0)
+		{
+			*reason = psprintf("currency mismatch: refund in %s, payment is %s",
+							   event->currency, currency);
+			return "ignored";
+		}
+		if (strcmp(status, "paid") != 0 && strcmp(status, "partially_refunded") != 0 &&
+			strcmp(status, "disputed") != 0)
+		{
+			*reason = psprintf("payment is %s; a refund applies to a paid payment only", status);
+			return "ignored";
+		}
+		refunded_total = Min(amount, refunded + Min(event->refund_minor, amount));
+		target = refunded_total >= amount ? "refunded" : "partially_refunded";
+		if (crmpay_apply_status_locked(*payment_id, status, target, event->gateway_payment_ref,
+									   refunded_total, GetCurrentTransactionStartTimestamp()))
+		{
+			*old_status = status;
+			*new_status = target;
+		}
+		else
+			*reason = psprintf("refund recorded (" INT64_FORMAT " of " INT64_FORMAT " %s refunded); payment stays %s",
+							   refunded_total, amount, currency, status);
+		return "applied";
+	}
+
+	if (crmpay_apply_status_locked(*payment_id, status, target,
+								   event->gateway_payment_ref, refunded_total,
 								   GetCurrentTransactionStartTimestamp()))
 	{
 		*old_status = status;
+		*new_status = target;
 		return "applied";
 	}
-	*reason = strcmp(status, event->new_status) == 0
+	*reason = strcmp(status, target) == 0
 		? psprintf("payment is already %s", status)
-		: psprintf("payment is %s; %s would not move it forward", status, event->new_status);
+		: psprintf("payment is %s; %s would not move it forward", status, target);
 	return "ignored";
 }
 
@@ -350,13 +442,23 @@ crmpay_receive_webhook(PG_FUNCTION_ARGS)
 		{
 			CrmpayWebhookEvent *event = lfirst(lc);
 			const char *reason = NULL;
-			int64		payment_id;
-			char	   *old_status;
-			const char *outcome = apply_event(account, event, &reason, &payment_id, &old_status);
+			int64		payment_id = 0;
+			char	   *old_status = NULL;
+			const char *new_status = NULL;
+			const char *outcome;
+
+			/* an item of a batch that failed its own check is never applied */
+			if (event->rejected_reason != NULL)
+			{
+				outcome = "rejected";
+				reason = event->rejected_reason;
+			}
+			else
+				outcome = apply_event(account, event, &reason, &payment_id,
+									  &old_status, &new_status);
 
 			record_event(account, verdict.provider, event, payment_id, outcome, reason,
-						 old_status, old_status ? event->new_status : NULL, 200,
-						 headers, headers_null, body);
+						 old_status, new_status, 200, headers, headers_null, body);
 			emit_row(rsinfo, 200, verdict.ack ? verdict.ack : "", outcome, event->event_key);
 		}
 	}

@@ -37,7 +37,8 @@ SELECT crmpay.add_account('shop', 'stripe', '{"secret_key": "sk_test_regress_012
 SELECT crmpay.add_account('shop', 'stripe', '{"secret_key": "sk_test_1"}', NULL,
                           '{"success_url": "https://shop.example/ok"}');
 -- the other providers are accepted names
-SELECT crmpay.add_account('eu-adyen', 'adyen', '{"api_key": "AQE_test"}', NULL, '{}');
+SELECT crmpay.add_account('eu-adyen', 'adyen', '{"api_key": "AQE_test"}', NULL,
+                          '{"merchant_account": "ShopECOM", "return_url": "https://shop.example/paid"}');
 SELECT name, provider, settings, has_webhook_secret FROM crmpay.accounts ORDER BY name;
 
 -- secrets are stored encrypted: no plaintext in the row, a versioned, keyed blob

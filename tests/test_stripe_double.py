@@ -963,10 +963,10 @@ def test_cli_ready_file_and_sigterm(tmp_path, certs, tls):
 
 def test_signature_with_official_stripe_node_package(double, tls):
     """Optional: verify with stripe-node's constructEvent if it is installed."""
-    pkg = os.path.join(HERE, "node_modules", "stripe")
+    pkg = os.path.join(HERE, "node", "node_modules", "stripe")
     node = shutil.which("node")
     if not node or not os.path.isdir(pkg):
-        pytest.skip("node or tests/node_modules/stripe not installed")
+        pytest.skip("node or tests/node/node_modules/stripe not installed (bash tests/node/install.sh)")
     s = create_session(double, tls)
     d = double.pay(s["id"], "paid")["deliveries"][-1]
     script = (

@@ -323,3 +323,36 @@ def test_secrets_never_reach_the_server_log(pg, db, stripe_double, db_name):
         assert secret not in log  # ... without any secret
     rows = db.execute("SELECT coalesce(string_agg(e::text, ''), '') FROM crmpay.events e").fetchone()[0]
     assert STRIPE_WHSEC not in rows
+
+
+def test_signatures_made_by_the_official_stripe_sdk_verify(db):
+    """stripe-node's own test-header generator is an independent oracle:
+    every signature it makes must verify in crmpay, and fail once tampered."""
+    import os
+    import shutil
+    import subprocess
+    pkg = os.path.join(os.path.dirname(__file__), "node", "node_modules", "stripe")
+    node = shutil.which("node")
+    if not node or not os.path.isdir(pkg):
+        pytest.skip("node or the stripe npm package missing (bash tests/node/install.sh)")
+    script = """
+      const stripe = require(process.argv[1])('sk_test_x');
+      const out = [];
+      for (let i = 0; i < 50; i++) {
+        const payload = JSON.stringify({id: 'evt_' + i, object: 'event', data: {object: {n: i, s: '\\u00e9\\n' + 'x'.repeat(i * 37)}}}, null, i % 3);
+        const secret = 'whsec_' + 'k'.repeat(i % 7) + i;
+        const timestamp = 1700000000 + i;
+        out.push({payload, secret, timestamp,
+                  header: stripe.webhooks.generateTestHeaderString({payload, secret, timestamp})});
+      }
+      process.stdout.write(JSON.stringify(out));"""
+    cases = json.loads(subprocess.run([node, "-e", script, pkg], capture_output=True, text=True,
+                                      check=True, timeout=60).stdout)
+    assert len(cases) == 50
+    for c in cases:
+        headers = json.dumps({"Stripe-Signature": c["header"]})
+        ok, tampered = db.execute(
+            "SELECT crmpay.verify_signature('stripe', %s, %s, %s, '5 minutes', to_timestamp(%s)),"
+            "       crmpay.verify_signature('stripe', %s, %s, %s || ' ', '5 minutes', to_timestamp(%s))",
+            (c["secret"], headers, c["payload"], c["timestamp"] + 10) * 2).fetchone()
+        assert ok is True and tampered is False
