@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bindir=$(bash tests/lib/pgtree.sh)
-for bench in bench/webhooks.py bench/verify_redsys.py bench/verify_paypal_braintree.py bench/verify_adyen.py bench/reconcile.py; do
+for bench in bench/webhooks.py bench/verify_redsys.py bench/verify_paypal_braintree.py bench/verify_adyen.py bench/outbox.py bench/reconcile.py; do
   echo "== $bench"
   CRMPAY_PG_BINDIR="$bindir" /usr/bin/python3 "$bench"
 done

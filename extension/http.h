@@ -42,10 +42,40 @@ typedef struct CrmpayHttpResponse
 	char	   *error;			/* curl's explanation for transport errors */
 } CrmpayHttpResponse;
 
+/* One e-mail for SMTP delivery (the worker's send_email jobs). */
+typedef struct CrmpaySmtpRequest
+{
+	const char *url;			/* crmpay.smtp_url */
+	const char *mail_from;		/* envelope sender, a bare address */
+	const char *rcpt_to;		/* envelope recipient, a bare address */
+	const char *message;		/* the whole RFC 5322 message, CRLF lines */
+	size_t		message_len;
+} CrmpaySmtpRequest;
+
+/* Many concurrent transfers (libcurl multi); process-local, opaque. */
+typedef struct CrmpayMulti CrmpayMulti;
+
 extern void crmpay_http_check_url(const char *url, const char *what);
+extern bool crmpay_smtp_url_ok(const char *url);
+extern void crmpay_smtp_check_url(const char *url);
+extern const char *crmpay_http_library_versions(void);
 extern void crmpay_http_perform(const CrmpayHttpRequest *request,
 								CrmpayHttpResponse *response);
 extern const char *crmpay_transport_name(CrmpayTransport transport);
+
+extern CrmpayMulti *crmpay_multi_create(int max_total, int max_per_host);
+extern void crmpay_multi_set_limits(CrmpayMulti *m, int max_total, int max_per_host);
+extern void crmpay_multi_add_http(CrmpayMulti *m, const CrmpayHttpRequest *request,
+								  int64 tag);
+extern void crmpay_multi_add_smtp(CrmpayMulti *m, const CrmpaySmtpRequest *request,
+								  int64 tag);
+extern int	crmpay_multi_pending(const CrmpayMulti *m);
+extern int	crmpay_multi_run(CrmpayMulti *m, int timeout_ms);
+extern bool crmpay_multi_peek_done(const CrmpayMulti *m, int64 *tag);
+extern bool crmpay_multi_next_done(CrmpayMulti *m, int64 *tag,
+								   CrmpayHttpResponse *response);
+extern void crmpay_multi_abort_all(CrmpayMulti *m);
+extern void crmpay_multi_destroy(CrmpayMulti *m);
 extern void crmpay_url_append_escaped(StringInfo buf, const char *s);
 
 #endif							/* CRMPAY_HTTP_H */

@@ -390,83 +390,121 @@ scrub_secrets(const CrmpayAccount *account, const char *text)
 }
 
 /*
- * crmpay_raise_gateway_failure
- *		Reports a failed gateway call as an ERROR.  SQLSTATE by kind:
- *		08001 cannot connect (incl. TLS), 08006 timeout/dropped/5xx, 08P01
- *		unreadable answer, 28000 credentials refused, 53400 rate limited,
- *		22023 request refused or idempotency conflict.
+ * failure_message
+ *		What a failed gateway call means, for an ERROR or a job's record:
+ *		the message, its SQLSTATE and a hint (may be NULL).  SQLSTATE by
+ *		kind: 08001 cannot connect (incl. TLS), 08006 timeout/dropped/5xx,
+ *		08P01 unreadable answer, 28000 credentials refused, 53400 rate
+ *		limited, 22023 request refused or idempotency conflict.
  */
-void
-crmpay_raise_gateway_failure(const CrmpayAccount *account,
-							 const CrmpayGatewayFailure *failure)
+static const char *
+failure_message(const CrmpayGatewayFailure *failure, int *sqlstate, const char **hint)
 {
-	const char *provider = account->provider->name;
-	char	   *detail = scrub_secrets(account, failure->message);
-	int			sqlstate;
-	const char *message;
-	const char *hint = NULL;
-
+	*hint = NULL;
 	switch (failure->kind)
 	{
 		case CRMPAY_FAIL_AUTH:
-			sqlstate = ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION;
-			message = "gateway refused the account's credentials";
-			hint = "Check the account's credentials with crmpay.update_account().";
-			break;
+			*sqlstate = ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION;
+			*hint = "Check the account's credentials with crmpay.update_account().";
+			return "gateway refused the account's credentials";
 		case CRMPAY_FAIL_CONFLICT:
-			sqlstate = ERRCODE_INVALID_PARAMETER_VALUE;
-			message = "gateway already received this order with different details";
-			hint = "The idempotency key of an order is fixed; send the same details again, or use a new order_ref.";
-			break;
+			*sqlstate = ERRCODE_INVALID_PARAMETER_VALUE;
+			*hint = "The idempotency key of an order is fixed; send the same details again, or use a new order_ref.";
+			return "gateway already received this order with different details";
 		case CRMPAY_FAIL_REJECTED:
-			sqlstate = ERRCODE_INVALID_PARAMETER_VALUE;
-			message = "gateway rejected the request";
-			break;
+			*sqlstate = ERRCODE_INVALID_PARAMETER_VALUE;
+			return "gateway rejected the request";
 		case CRMPAY_FAIL_RATE_LIMITED:
-			sqlstate = ERRCODE_CONFIGURATION_LIMIT_EXCEEDED;
-			message = "gateway is rate limiting requests";
-			hint = "Retry later, or use crmpay.request_payment_link(), which retries with backoff.";
-			break;
+			*sqlstate = ERRCODE_CONFIGURATION_LIMIT_EXCEEDED;
+			*hint = "Retry later, or use crmpay.request_payment_link(), which retries with backoff.";
+			return "gateway is rate limiting requests";
 		case CRMPAY_FAIL_UNAVAILABLE:
-			sqlstate = ERRCODE_CONNECTION_FAILURE;
-			message = "gateway is unavailable";
-			hint = "Retry later, or use crmpay.request_payment_link(), which retries with backoff.";
-			break;
+			*sqlstate = ERRCODE_CONNECTION_FAILURE;
+			*hint = "Retry later, or use crmpay.request_payment_link(), which retries with backoff.";
+			return "gateway is unavailable";
 		case CRMPAY_FAIL_TRANSPORT:
-			sqlstate = (failure->transport == CRMPAY_TRANSPORT_CONNECT ||
-						failure->transport == CRMPAY_TRANSPORT_TLS)
+			*sqlstate = (failure->transport == CRMPAY_TRANSPORT_CONNECT ||
+						 failure->transport == CRMPAY_TRANSPORT_TLS)
 				? ERRCODE_SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION
 				: ERRCODE_CONNECTION_FAILURE;
-			message = failure->transport == CRMPAY_TRANSPORT_TLS
+			if (failure->transport == CRMPAY_TRANSPORT_TLS)
+				*hint = "The gateway's certificate must verify against the system CAs or crmpay.ca_file.";
+			else if (failure->transport == CRMPAY_TRANSPORT_TIMEOUT)
+				*hint = "The gateway may have created the link anyway: retrying the same call is safe (same idempotency key). See crmpay.connect_timeout and crmpay.request_timeout.";
+			else
+				*hint = "The gateway may have created the link anyway: retrying the same call is safe (same idempotency key).";
+			return failure->transport == CRMPAY_TRANSPORT_TLS
 				? "could not establish a verified TLS connection to the gateway"
 				: failure->transport == CRMPAY_TRANSPORT_TIMEOUT
 				? "gateway request timed out"
 				: failure->transport == CRMPAY_TRANSPORT_CONNECT
 				? "could not connect to the gateway"
 				: "gateway connection failed";
-			if (failure->transport == CRMPAY_TRANSPORT_TLS)
-				hint = "The gateway's certificate must verify against the system CAs or crmpay.ca_file.";
-			else if (failure->transport == CRMPAY_TRANSPORT_TIMEOUT)
-				hint = "The gateway may have created the link anyway: retrying the same call is safe (same idempotency key). See crmpay.connect_timeout and crmpay.request_timeout.";
-			else
-				hint = "The gateway may have created the link anyway: retrying the same call is safe (same idempotency key).";
-			break;
 		case CRMPAY_FAIL_BAD_RESPONSE:
 		default:
-			sqlstate = ERRCODE_PROTOCOL_VIOLATION;
-			message = "gateway answered something crmpay cannot read";
-			hint = "Retrying the same call is safe (same idempotency key); check the account's api_base.";
-			break;
+			*sqlstate = ERRCODE_PROTOCOL_VIOLATION;
+			*hint = "Retrying the same call is safe (same idempotency key); check the account's api_base.";
+			return "gateway answered something crmpay cannot read";
 	}
+}
+
+/* The errdetail of a failure: "HTTP 400, code: gateway's words" (secrets masked). */
+static char *
+failure_detail(const CrmpayAccount *account, const CrmpayGatewayFailure *failure)
+{
+	char	   *detail = scrub_secrets(account, failure->message);
+
+	if (failure->http_status)
+		return psprintf("HTTP %d%s%s: %s", failure->http_status,
+						failure->code ? ", " : "", failure->code ? failure->code : "",
+						detail ? detail : "");
+	return detail ? detail : pstrdup(crmpay_failure_kind_name(failure->kind));
+}
+
+/*
+ * crmpay_describe_failure
+ *		A failed gateway call in one line, for a job's last_error:
+ *		"gateway is unavailable: HTTP 503, api_error: ...".  No secrets.
+ */
+char *
+crmpay_describe_failure(const CrmpayAccount *account, const CrmpayGatewayFailure *failure)
+{
+	int			sqlstate;
+	const char *hint;
+
+	return psprintf("%s: %s", failure_message(failure, &sqlstate, &hint),
+					failure_detail(account, failure));
+}
+
+/* The SQLSTATE (five characters) a failed gateway call is reported with. */
+const char *
+crmpay_failure_sqlstate(const CrmpayGatewayFailure *failure)
+{
+	int			sqlstate;
+	const char *hint;
+
+	failure_message(failure, &sqlstate, &hint);
+	return unpack_sql_state(sqlstate);
+}
+
+/*
+ * crmpay_raise_gateway_failure
+ *		Reports a failed gateway call as an ERROR (SQLSTATE by kind, see
+ *		failure_message).
+ */
+void
+crmpay_raise_gateway_failure(const CrmpayAccount *account,
+							 const CrmpayGatewayFailure *failure)
+{
+	int			sqlstate;
+	const char *hint;
+	const char *message = failure_message(failure, &sqlstate, &hint);
 
 	ereport(ERROR,
 			(errcode(sqlstate),
-			 errmsg("%s (account \"%s\", provider %s)", message, account->name, provider),
-			 failure->http_status
-			 ? errdetail("HTTP %d%s%s: %s", failure->http_status,
-						 failure->code ? ", " : "", failure->code ? failure->code : "",
-						 detail ? detail : "")
-			 : errdetail("%s", detail ? detail : crmpay_failure_kind_name(failure->kind)),
+			 errmsg("%s (account \"%s\", provider %s)", message, account->name,
+					account->provider->name),
+			 errdetail("%s", failure_detail(account, failure)),
 			 hint ? errhint("%s", hint) : 0));
 	pg_unreachable();
 }
@@ -504,39 +542,54 @@ crmpay_gateway_call(const CrmpayAccount *account, CrmpayHttpRequest *request,
 }
 
 /*
- * crmpay_create_link
- *		Asks the account's gateway for a payment link.  Returns true with
- *		*result filled, or false with *failure saying why (and whether a
- *		retry with the same idempotency key may succeed).  Raises only for
- *		programming or configuration errors and interrupts.
+ * crmpay_link_prepare
+ *		The first half of creating a payment link, shared by the synchronous
+ *		path and the worker (which sends many at once): checks the account
+ *		can do it, and either makes the link at once without a gateway call
+ *		(providers with local_link; returns true with *result filled) or
+ *		builds the gateway request without credentials (returns false; the
+ *		caller has the provider's authorize add them).  Raises for
+ *		configuration errors, which no retry would fix.
  */
 bool
-crmpay_create_link(const CrmpayAccount *account,
-				   const CrmpayLinkRequest *request,
-				   CrmpayLinkResult *result,
-				   CrmpayGatewayFailure *failure)
+crmpay_link_prepare(const CrmpayAccount *account,
+					const CrmpayLinkRequest *request,
+					CrmpayHttpRequest *http,
+					CrmpayLinkResult *result)
 {
 	const CrmpayProvider *provider = account->provider;
-	CrmpayHttpRequest http = {0};
-	CrmpayHttpResponse response;
 
 	require_operation(provider, provider->build_create_link, "creating payment links");
 	memset(result, 0, sizeof(*result));
-	memset(failure, 0, sizeof(*failure));
-
+	memset(http, 0, sizeof(*http));
 	if (provider->local_link != NULL && provider->local_link(account, request, result))
 		return true;
-
 	if (account->api_base == NULL)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("account \"%s\" has no api_base setting", account->name)));
 	crmpay_http_check_url(account->api_base, "the account's api_base");
+	provider->build_create_link(account, request, http);
+	return false;
+}
 
-	provider->build_create_link(account, request, &http);
-	if (!crmpay_gateway_call(account, &http, &response, failure))
+/*
+ * crmpay_link_finish
+ *		The second half: reads the gateway's answer to a create-link
+ *		request.  True with *result filled, or false with *failure saying
+ *		why (and whether a retry with the same idempotency key may succeed).
+ */
+bool
+crmpay_link_finish(const CrmpayAccount *account,
+				   const CrmpayHttpResponse *response,
+				   CrmpayLinkResult *result,
+				   CrmpayGatewayFailure *failure)
+{
+	memset(result, 0, sizeof(*result));
+	crmpay_classify_http_failure(account, response, failure);
+	if (failure->kind != CRMPAY_FAIL_NONE)
 		return false;
-	if (!provider->parse_create_link(account, &response, result, failure))
+	if (!account->provider->parse_create_link(account, response, result, failure))
 	{
 		/* a gateway may refuse inside a 2xx (Redsys); keep its verdict */
 		if (failure->kind == CRMPAY_FAIL_NONE)
@@ -544,10 +597,34 @@ crmpay_create_link(const CrmpayAccount *account,
 			failure->kind = CRMPAY_FAIL_BAD_RESPONSE;
 			failure->retryable = true;
 		}
-		failure->http_status = (int) response.status;
+		failure->http_status = (int) response->status;
 		return false;
 	}
 	return true;
+}
+
+/*
+ * crmpay_create_link
+ *		Asks the account's gateway for a payment link, synchronously.
+ *		Returns true with *result filled, or false with *failure saying why
+ *		(and whether a retry with the same idempotency key may succeed).
+ *		Raises only for programming or configuration errors and interrupts.
+ */
+bool
+crmpay_create_link(const CrmpayAccount *account,
+				   const CrmpayLinkRequest *request,
+				   CrmpayLinkResult *result,
+				   CrmpayGatewayFailure *failure)
+{
+	CrmpayHttpRequest http;
+	CrmpayHttpResponse response;
+
+	memset(failure, 0, sizeof(*failure));
+	if (crmpay_link_prepare(account, request, &http, result))
+		return true;
+	if (!crmpay_gateway_call(account, &http, &response, failure))
+		return false;
+	return crmpay_link_finish(account, &response, result, failure);
 }
 
 /* ----------------------------------------------------------------
@@ -603,11 +680,14 @@ crmpay_header_line(const char *name, const char *value)
  * ----------------------------------------------------------------
  */
 
-/* Reads the link request jsonb built by crmpay._link_request(). */
-static CrmpayLinkRequest *
-link_request_from_jsonb(Datum request_jsonb)
+/*
+ * crmpay_link_request_from_json
+ *		Reads a link request as built by crmpay._link_request() (the jsonb
+ *		that the outbox stores as a job's payload).
+ */
+CrmpayLinkRequest *
+crmpay_link_request_from_json(CrmpayJson *tree)
 {
-	CrmpayJson *tree = crmpay_json_from_jsonb_datum(request_jsonb);
 	CrmpayLinkRequest *request = palloc0(sizeof(CrmpayLinkRequest));
 	int64		exponent;
 
@@ -629,8 +709,19 @@ link_request_from_jsonb(Datum request_jsonb)
 	return request;
 }
 
-static text *
-link_result_to_jsonb_text(const CrmpayLinkResult *result)
+static CrmpayLinkRequest *
+link_request_from_jsonb(Datum request_jsonb)
+{
+	return crmpay_link_request_from_json(crmpay_json_from_jsonb_datum(request_jsonb));
+}
+
+/*
+ * crmpay_link_result_json
+ *		The link as the JSON text that crmpay._gateway_create_link returns
+ *		and the worker records: {"gateway_ref", "url", "status", "expires_at"}.
+ */
+char *
+crmpay_link_result_json(const CrmpayLinkResult *result)
 {
 	StringInfoData buf;
 
@@ -650,7 +741,7 @@ link_result_to_jsonb_text(const CrmpayLinkResult *result)
 		escape_json(&buf, timestamptz_to_str(result->expires_at));
 	}
 	appendStringInfoChar(&buf, '}');
-	return cstring_to_text(buf.data);
+	return buf.data;
 }
 
 PG_FUNCTION_INFO_V1(crmpay_check_link_request);
@@ -695,7 +786,7 @@ crmpay_gateway_create_link(PG_FUNCTION_ARGS)
 		crmpay_raise_gateway_failure(account, &failure);
 
 	PG_RETURN_DATUM(DirectFunctionCall1(jsonb_in,
-										CStringGetDatum(text_to_cstring(link_result_to_jsonb_text(&result)))));
+										CStringGetDatum(crmpay_link_result_json(&result))));
 }
 
 PG_FUNCTION_INFO_V1(crmpay_validate_account);

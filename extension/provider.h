@@ -327,6 +327,16 @@ extern const char *crmpay_provider_names(void);
 extern CrmpayAccount *crmpay_load_account(const char *name, bool missing_ok);
 extern const char *crmpay_setting(const CrmpayAccount *account,
 								  const char *key);
+extern bool crmpay_link_prepare(const CrmpayAccount *account,
+								const CrmpayLinkRequest *request,
+								CrmpayHttpRequest *http,
+								CrmpayLinkResult *result);
+extern bool crmpay_link_finish(const CrmpayAccount *account,
+							   const CrmpayHttpResponse *response,
+							   CrmpayLinkResult *result,
+							   CrmpayGatewayFailure *failure);
+extern CrmpayLinkRequest *crmpay_link_request_from_json(CrmpayJson *tree);
+extern char *crmpay_link_result_json(const CrmpayLinkResult *result);
 extern bool crmpay_create_link(const CrmpayAccount *account,
 							   const CrmpayLinkRequest *request,
 							   CrmpayLinkResult *result,
@@ -338,6 +348,9 @@ extern void crmpay_raise_gateway_failure(const CrmpayAccount *account,
 										 const CrmpayGatewayFailure *failure)
 			pg_attribute_noreturn();
 extern const char *crmpay_failure_kind_name(CrmpayFailureKind kind);
+extern char *crmpay_describe_failure(const CrmpayAccount *account,
+									 const CrmpayGatewayFailure *failure);
+extern const char *crmpay_failure_sqlstate(const CrmpayGatewayFailure *failure);
 extern bool crmpay_gateway_call(const CrmpayAccount *account,
 								CrmpayHttpRequest *request,
 								CrmpayHttpResponse *response,

@@ -439,8 +439,9 @@ class _Server(http.server.ThreadingHTTPServer):
         # or broken client never blocks the accept loop.
         try:
             request.settimeout(10)
-            # Headers and body go out as two writes: without TCP_NODELAY the
-            # second waits for the client's delayed ACK (40 ms a request).
+            # http.server writes the status line and headers, then the body:
+            # without TCP_NODELAY, Nagle holds the second write back until
+            # the client's delayed ACK (~40 ms per request on loopback).
             request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn = self.ssl_context.wrap_socket(request, server_side=True)
         except (ssl.SSLError, OSError) as exc:
