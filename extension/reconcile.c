@@ -60,6 +60,7 @@
  * Settings
  * ----------------------------------------------------------------
  */
+static int	reconcile_check_interval_ms = 60000;
 static int	reconcile_page_size = 100;
 static int	reconcile_margin_s = 900;
 static int	reconcile_work_mem_kb = 256 * 1024;
@@ -70,6 +71,10 @@ static int	report_max_bytes = 256 * 1024 * 1024;
 void
 crmpay_reconcile_define_gucs(void)
 {
+	DefineCustomIntVariable("crmpay.reconcile_check_interval",
+							gettext_noop("How often the background worker looks for due reconciliation schedules."),
+							NULL, &reconcile_check_interval_ms, 60000, 100, 3600000,
+							PGC_SIGHUP, GUC_UNIT_MS, NULL, NULL, NULL);
 	DefineCustomIntVariable("crmpay.reconcile_page_size",
 							gettext_noop("Records per page asked of a gateway's list API during reconciliation."),
 							NULL, &reconcile_page_size, 100, 1, 1000,
@@ -1839,12 +1844,16 @@ PG_FUNCTION_INFO_V1(crmpay_run_due_in_background);
  *		that runs every due schedule step by step; returns its pid, after it
  *		has finished when wait is true.
  */
-Datum
-crmpay_run_due_in_background(PG_FUNCTION_ARGS)
+/*
+ * Registers the one-off background worker that runs every due schedule
+ * (crmpay_reconcile_bgw_main) as the extension's owner in this database.
+ * Must run inside a transaction (it reads the owner).  Returns false when
+ * no background worker slot is free.
+ */
+static bool
+register_due_worker(pid_t notify_pid, BackgroundWorkerHandle **handle)
 {
 	BackgroundWorker worker;
-	BackgroundWorkerHandle *handle;
-	pid_t		pid = 0;
 	Oid			ids[2];
 
 	SPI_connect();
@@ -1861,8 +1870,17 @@ crmpay_run_due_in_background(PG_FUNCTION_ARGS)
 	snprintf(worker.bgw_library_name, BGW_MAXLEN, "crmpay");
 	snprintf(worker.bgw_function_name, BGW_MAXLEN, "crmpay_reconcile_bgw_main");
 	memcpy(worker.bgw_extra, ids, sizeof(ids));
-	worker.bgw_notify_pid = MyProcPid;
-	if (!RegisterDynamicBackgroundWorker(&worker, &handle))
+	worker.bgw_notify_pid = notify_pid;
+	return RegisterDynamicBackgroundWorker(&worker, handle);
+}
+
+Datum
+crmpay_run_due_in_background(PG_FUNCTION_ARGS)
+{
+	BackgroundWorkerHandle *handle;
+	pid_t		pid = 0;
+
+	if (!register_due_worker(MyProcPid, &handle))
 		ereport(ERROR,
 				(errcode(ERRCODE_CONFIGURATION_LIMIT_EXCEEDED),
 				 errmsg("could not start a background worker for reconciliation"),
@@ -1874,4 +1892,79 @@ crmpay_run_due_in_background(PG_FUNCTION_ARGS)
 	if (!PG_ARGISNULL(0) && PG_GETARG_BOOL(0))
 		(void) WaitForBackgroundWorkerShutdown(handle);
 	PG_RETURN_INT32((int32) pid);
+}
+
+
+/*
+ * crmpay_reconcile_start_due
+ *		For the outbox worker's loop, outside any transaction: at most once
+ *		per crmpay.reconcile_check_interval, when crmpay is installed in this database,
+ *		a reconciliation schedule is due and the reconciliation worker
+ *		started from here last time has finished, starts one.  Runs happen
+ *		in that separate process, so a long reconciliation never holds up
+ *		payment links.  Returns the milliseconds until the next check.
+ */
+long
+crmpay_reconcile_start_due(void)
+{
+	static TimestampTz next_check = 0;
+	static BackgroundWorkerHandle *running = NULL;
+	TimestampTz now = GetCurrentTimestamp();
+	bool		due = false;
+	pid_t		pid;
+
+	/* a lowered crmpay.reconcile_check_interval (SIGHUP) applies at once */
+	if (next_check > TimestampTzPlusMilliseconds(now, reconcile_check_interval_ms))
+		next_check = TimestampTzPlusMilliseconds(now, reconcile_check_interval_ms);
+	if (now < next_check)
+		return Max(1, (next_check - now) / 1000);
+	next_check = TimestampTzPlusMilliseconds(now, (long) reconcile_check_interval_ms);
+
+	/* the one started last time is still at work: its runs claim the due ones */
+	if (running != NULL)
+	{
+		BgwHandleStatus status = GetBackgroundWorkerPid(running, &pid);
+
+		if (status == BGWH_STARTED || status == BGWH_NOT_YET_STARTED)
+			return (long) reconcile_check_interval_ms;
+		pfree(running);
+		running = NULL;
+	}
+
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	PushActiveSnapshot(GetTransactionSnapshot());
+	/* no activity is reported for a check that finds nothing to do */
+	if (OidIsValid(get_extension_oid("crmpay", true)))
+	{
+		int			rc;
+
+		SPI_connect();
+		rc = SPI_execute("SELECT 1 FROM crmpay.reconciliation_schedules"
+						 " WHERE enabled AND next_run_at <= clock_timestamp() LIMIT 1",
+						 true, 1);
+		if (rc != SPI_OK_SELECT)
+			elog(ERROR, "crmpay: looking for due reconciliations failed: %s", SPI_result_code_string(rc));
+		due = SPI_processed > 0;
+		SPI_finish();
+		if (due)
+		{
+			MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
+
+			pgstat_report_activity(STATE_RUNNING, "crmpay worker: starting due reconciliations");
+			if (!register_due_worker(0, &running))
+			{
+				running = NULL;
+				ereport(WARNING,
+						(errcode(ERRCODE_CONFIGURATION_LIMIT_EXCEEDED),
+						 errmsg("crmpay: a reconciliation is due but no background worker slot is free"),
+						 errhint("Raise max_worker_processes; the worker tries again in a minute.")));
+			}
+			MemoryContextSwitchTo(old);
+		}
+	}
+	PopActiveSnapshot();
+	CommitTransactionCommand();
+	pgstat_report_stat(false);
+	return (long) reconcile_check_interval_ms;
 }

@@ -33,4 +33,11 @@ extern void crmpay_reconcile_shmem_request(void);
  */
 extern int	crmpay_reconcile_run_due_in_worker(void);
 
+/*
+ * For the outbox worker's loop, outside any transaction: starts the
+ * reconciliation worker when a schedule is due (checked once a minute).
+ * Returns the milliseconds until the next check.
+ */
+extern long crmpay_reconcile_start_due(void);
+
 #endif							/* CRMPAY_RECONCILE_H */

@@ -71,6 +71,7 @@
 #include "utils/wait_event.h"
 
 #include "http.h"
+#include "reconcile.h"
 #include "worker.h"
 
 /* The most databases crmpay.database may list. */
@@ -936,6 +937,7 @@ crmpay_worker_main(Datum main_arg)
 	for (;;)
 	{
 		long		sleep_ms;
+		long		due_ms;
 
 		CHECK_FOR_INTERRUPTS();
 		if (ConfigReloadPending)
@@ -945,6 +947,10 @@ crmpay_worker_main(Datum main_arg)
 			crmpay_outbox_reconfigure();
 		}
 		sleep_ms = crmpay_outbox_run();
+		/* due reconciliation schedules run in their own worker (reconcile.c) */
+		due_ms = crmpay_reconcile_start_due();
+		if (sleep_ms < 0 || due_ms < sleep_ms)
+			sleep_ms = due_ms;
 		errors = 0;
 		crmpay_worker_report(NULL);
 		(void) WaitLatch(MyLatch,
