@@ -10,20 +10,24 @@
  *				become 'running' with one more attempt and a lease (run_at =
  *				now + crmpay.job_lease); each is prepared in a subtransaction
  *				(an order's job first gets its payment, see
- *				crmpay._materialize_order; the provider builds the request)
- *				and handed to curl; commit.  Nothing is sent before the
- *				claim has committed.
+ *				crmpay._materialize_order; a capture job reads its payment,
+ *				crmpay._capture_job_request; the provider builds the
+ *				request and adds its credentials) and handed to curl;
+ *				commit.  Nothing is sent before the claim has committed.
  *	  send		curl runs the requests concurrently; no transaction is open.
  *	  record	one short transaction per batch of finished requests, each
  *				recorded in its own subtransaction: the link (payment open,
- *				e-mail queued), or the failure (retry after a backoff with
- *				full jitter, Retry-After honoured; or dead).
+ *				e-mail queued), the capture (payment paid, processing or
+ *				failed through the state machine), or the failure (retry
+ *				after a backoff with full jitter, Retry-After honoured; or
+ *				dead).
  *
  *	  Exactly once: a job claimed but never recorded (worker killed, server
  *	  crashed) is claimed again, at once when the worker starts (a database
  *	  has a single worker) or when its lease ends, and its request carries
- *	  the same idempotency key as before, so the gateway answers with the
- *	  link it already created rather than creating another.
+ *	  the same idempotency key as before (a capture: the same
+ *	  PayPal-Request-Id), so the gateway answers with the link it already
+ *	  created, or the capture it already made, rather than making another.
  *
  *	  Errors: a job whose preparation or recording fails is rolled back to
  *	  its subtransaction and recorded as failed; the others carry on.
@@ -68,12 +72,20 @@
 #define OUTBOX_BATCH 16
 #define OUTBOX_CLAIM_BATCH 32
 
+/* What a job does (crmpay.job_kind). */
+typedef enum JobKind
+{
+	JOB_CREATE_LINK,
+	JOB_SEND_EMAIL,
+	JOB_CAPTURE
+} JobKind;
+
 /* A job handed to curl and not yet recorded. */
 typedef struct OutboxJob
 {
 	MemoryContext cxt;			/* holds this struct and its response */
 	int64		id;
-	bool		email;			/* send_email, else create_link */
+	JobKind		kind;
 	char	   *account;
 	int			attempts;
 	bool		fresh_credentials;	/* asked the provider for new ones */
@@ -85,7 +97,7 @@ typedef struct OutboxJob
 typedef struct Claimed
 {
 	int64		id;
-	bool		email;
+	JobKind		kind;
 	char	   *account;
 	bool		has_payment;
 	Datum		payload;		/* jsonb */
@@ -117,6 +129,8 @@ enum
 	PLAN_CLAIM_ACCOUNT,
 	PLAN_MATERIALIZE,
 	PLAN_LINK_CREATED,
+	PLAN_CAPTURE_REQUEST,
+	PLAN_CAPTURED,
 	PLAN_DONE,
 	PLAN_FAILED,
 	PLAN_NEXT_DUE,
@@ -125,7 +139,7 @@ enum
 };
 
 #define CLAIM_RETURNING \
-	" RETURNING j.id, j.kind = 'send_email', j.account, j.payment_id IS NOT NULL, j.payload," \
+	" RETURNING j.id, j.kind::text, j.account, j.payment_id IS NOT NULL, j.payload," \
 	"           j.attempts, j.last_http_status"
 
 static SPIPlanPtr plans[NUM_PLANS];
@@ -146,7 +160,8 @@ outbox_plan(int which)
 			0, {0}
 		},
 		/*
-		 * Open circuits whose cool-down is over get one trial job.  (OFFSET 0
+		 * Open circuits whose cool-down is over get one trial job (a gateway
+		 * call: any kind but send_email).  (OFFSET 0
 		 * keeps EXISTS a per-circuit subquery: as a join it would read every
 		 * queued job on each claim, though there is rarely an open circuit.)
 		 */
@@ -154,17 +169,17 @@ outbox_plan(int which)
 			"UPDATE crmpay.circuits c SET state = 'half_open', open_until = now() + make_interval(secs => $1)"
 			" WHERE c.state IN ('open', 'half_open') AND c.open_until <= now()"
 			"   AND EXISTS (SELECT 1 FROM crmpay.jobs j WHERE j.account = c.account"
-			"                 AND j.kind = 'create_link' AND j.state IN ('queued', 'running')"
+			"                 AND j.kind <> 'send_email' AND j.state IN ('queued', 'running')"
 			"                 AND j.run_at <= now() OFFSET 0)"
 			" RETURNING c.account",
 			1, {FLOAT8OID}
 		},
-		/* due jobs (and expired leases), oldest first, none of an open circuit */
+		/* due jobs (and expired leases), oldest first, no gateway call of an open circuit */
 		[PLAN_CLAIM] = {
 			"WITH due AS ("
 			"  SELECT j.id FROM crmpay.jobs j"
 			"   WHERE j.state IN ('queued', 'running') AND j.run_at <= now()"
-			"     AND (j.kind <> 'create_link' OR NOT EXISTS ("
+			"     AND (j.kind = 'send_email' OR NOT EXISTS ("
 			"            SELECT 1 FROM crmpay.circuits c"
 			"             WHERE c.account = j.account AND c.state <> 'closed'))"
 			"   ORDER BY j.run_at, j.id LIMIT $1"
@@ -179,7 +194,7 @@ outbox_plan(int which)
 			"WITH due AS ("
 			"  SELECT j.id FROM crmpay.jobs j"
 			"   WHERE j.state IN ('queued', 'running') AND j.run_at <= now()"
-			"     AND j.kind = 'create_link' AND j.account = $3"
+			"     AND j.kind <> 'send_email' AND j.account = $3"
 			"   ORDER BY j.run_at, j.id LIMIT $1"
 			"   FOR UPDATE OF j SKIP LOCKED)"
 			" UPDATE crmpay.jobs j SET state = 'running', attempts = j.attempts + 1,"
@@ -196,6 +211,14 @@ outbox_plan(int which)
 			"SELECT crmpay._job_link_created($1, $2::jsonb)",
 			2, {INT8OID, TEXTOID}
 		},
+		[PLAN_CAPTURE_REQUEST] = {
+			"SELECT crmpay._capture_job_request($1)",
+			1, {INT8OID}
+		},
+		[PLAN_CAPTURED] = {
+			"SELECT crmpay._job_captured($1, $2::jsonb)",
+			2, {INT8OID, TEXTOID}
+		},
 		[PLAN_DONE] = {
 			"UPDATE crmpay.jobs SET state = 'done', finished_at = now(), updated_at = now(),"
 			"       last_error = NULL, last_error_code = NULL, last_http_status = NULL"
@@ -210,7 +233,7 @@ outbox_plan(int which)
 		[PLAN_NEXT_DUE] = {
 			"SELECT least((SELECT j.run_at FROM crmpay.jobs j"
 			"               WHERE j.state IN ('queued', 'running')"
-			"                 AND (j.kind <> 'create_link' OR NOT EXISTS ("
+			"                 AND (j.kind = 'send_email' OR NOT EXISTS ("
 			"                        SELECT 1 FROM crmpay.circuits c"
 			"                         WHERE c.account = j.account AND c.state <> 'closed'))"
 			"               ORDER BY j.run_at LIMIT 1),"
@@ -423,6 +446,50 @@ typedef struct Prepare
 	bool		retryable;		/* whether an error here may go away */
 } Prepare;
 
+/*
+ * Reads the jsonb of a one-column SELECT's result; false when it is NULL
+ * (the job needs no request: done).
+ */
+static bool
+plan_jsonb(int which, int64 id, Datum *out)
+{
+	Datum		values[1] = {Int64GetDatum(id)};
+	bool		isnull;
+
+	run_plan(which, values, NULL, SPI_OK_SELECT);
+	*out = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+	if (isnull)
+		run_plan(PLAN_DONE, values, NULL, SPI_OK_UPDATE);
+	return !isnull;
+}
+
+/* Prepares one claimed e-mail job and hands its message to curl. */
+static void
+prepare_email(Claimed *c, OutboxJob *job, Prepare *p)
+{
+	CrmpaySmtpRequest smtp;
+	CrmpayJson *payload;
+	MemoryContext oldcxt;
+
+	if (crmpay_smtp_url == NULL || crmpay_smtp_url[0] == '\0')
+	{
+		p->retryable = true;	/* configuration may come */
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("crmpay.smtp_url is not set"),
+				 errhint("Set crmpay.smtp_url (e.g. smtps://mail.example.com:465) and reload.")));
+	}
+	oldcxt = MemoryContextSwitchTo(job->cxt);
+	payload = crmpay_json_from_jsonb_datum(c->payload);
+	smtp.url = crmpay_smtp_url;
+	smtp.mail_from = crmpay_json_str(payload, "from");
+	smtp.rcpt_to = crmpay_json_str(payload, "to");
+	smtp.message = crmpay_email_build(payload, c->id, &smtp.message_len);
+	crmpay_multi_add_smtp(multi, &smtp, (int64) (intptr_t) job);
+	MemoryContextSwitchTo(oldcxt);
+	p->sent = true;
+}
+
 /* Prepares one claimed job and hands its request to curl (in a subtransaction). */
 static void
 prepare_job(void *arg)
@@ -431,41 +498,42 @@ prepare_job(void *arg)
 	Claimed    *c = p->claimed;
 	OutboxJob  *job = p->job;
 	MemoryContext oldcxt;
-	CrmpayJson *payload;
-	int64		tag = (int64) (intptr_t) job;
+	CrmpayAccount *account;
+	CrmpayHttpRequest http;
+	CrmpayGatewayFailure failure;
+	Datum		request = c->payload;
 
 	p->retryable = false;
 	p->sent = false;
-	if (!c->email)
+	if (c->kind == JOB_SEND_EMAIL)
 	{
-		CrmpayAccount *account;
-		CrmpayHttpRequest http;
+		prepare_email(c, job, p);
+		return;
+	}
+	/* an order's job first gets its payment; a capture reads its payment */
+	if (c->kind == JOB_CREATE_LINK && !c->has_payment &&
+		!plan_jsonb(PLAN_MATERIALIZE, c->id, &request))
+		return;					/* the order has its link already */
+	if (c->kind == JOB_CAPTURE && !plan_jsonb(PLAN_CAPTURE_REQUEST, c->id, &request))
+		return;					/* captured already */
+
+	oldcxt = MemoryContextSwitchTo(job->cxt);
+	account = crmpay_load_account(c->account, true);
+	if (account == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("payment account \"%s\" does not exist", c->account)));
+	if (c->kind == JOB_CAPTURE)
+		crmpay_capture_prepare(account,
+							   crmpay_capture_request_from_json(crmpay_json_from_jsonb_datum(request)),
+							   &http);
+	else
+	{
 		CrmpayLinkResult result;
-		CrmpayGatewayFailure failure;
-		Datum		request = c->payload;
 
-		if (!c->has_payment)
-		{
-			Datum		values[1] = {Int64GetDatum(c->id)};
-			bool		isnull;
-
-			run_plan(PLAN_MATERIALIZE, values, NULL, SPI_OK_SELECT);
-			request = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
-			if (isnull)
-			{
-				/* the order has its link already: nothing to send */
-				run_plan(PLAN_DONE, values, NULL, SPI_OK_UPDATE);
-				return;
-			}
-		}
-		oldcxt = MemoryContextSwitchTo(job->cxt);
-		payload = crmpay_json_from_jsonb_datum(request);
-		account = crmpay_load_account(c->account, true);
-		if (account == NULL)
-			ereport(ERROR,
-					(errcode(ERRCODE_UNDEFINED_OBJECT),
-					 errmsg("payment account \"%s\" does not exist", c->account)));
-		if (crmpay_link_prepare(account, crmpay_link_request_from_json(payload), &http, &result))
+		if (crmpay_link_prepare(account,
+								crmpay_link_request_from_json(crmpay_json_from_jsonb_datum(request)),
+								&http, &result))
 		{
 			/* made without a gateway call (a signed form): nothing to send */
 			Datum		values[2];
@@ -476,44 +544,34 @@ prepare_job(void *arg)
 			MemoryContextSwitchTo(oldcxt);
 			return;
 		}
-		if (account->provider->authorize != NULL)
-		{
-			/*
-			 * The provider's credentials (an OAuth token, shared through the
-			 * database); new ones when the last attempt got a 401.
-			 */
-			job->fresh_credentials = (c->last_status == 401);
-			if (!account->provider->authorize(account, &http, job->fresh_credentials, &failure))
-			{
-				p->retryable = failure.retryable;
-				crmpay_raise_gateway_failure(account, &failure);
-			}
-		}
-		crmpay_multi_add_http(multi, &http, tag);
-		MemoryContextSwitchTo(oldcxt);
 	}
-	else
+	if (account->provider->authorize != NULL)
 	{
-		CrmpaySmtpRequest smtp;
-
-		if (crmpay_smtp_url == NULL || crmpay_smtp_url[0] == '\0')
+		/*
+		 * The provider's credentials (an OAuth token, shared through the
+		 * database); new ones when the last attempt got a 401.
+		 */
+		job->fresh_credentials = (c->last_status == 401);
+		if (!account->provider->authorize(account, &http, job->fresh_credentials, &failure))
 		{
-			p->retryable = true;	/* configuration may come */
-			ereport(ERROR,
-					(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
-					 errmsg("crmpay.smtp_url is not set"),
-					 errhint("Set crmpay.smtp_url (e.g. smtps://mail.example.com:465) and reload.")));
+			p->retryable = failure.retryable;
+			crmpay_raise_gateway_failure(account, &failure);
 		}
-		oldcxt = MemoryContextSwitchTo(job->cxt);
-		payload = crmpay_json_from_jsonb_datum(c->payload);
-		smtp.url = crmpay_smtp_url;
-		smtp.mail_from = crmpay_json_str(payload, "from");
-		smtp.rcpt_to = crmpay_json_str(payload, "to");
-		smtp.message = crmpay_email_build(payload, c->id, &smtp.message_len);
-		crmpay_multi_add_smtp(multi, &smtp, tag);
-		MemoryContextSwitchTo(oldcxt);
 	}
+	crmpay_multi_add_http(multi, &http, (int64) (intptr_t) job);
+	MemoryContextSwitchTo(oldcxt);
 	p->sent = true;
+}
+
+/* The kind of a job from its crmpay.job_kind. */
+static JobKind
+job_kind(const char *kind)
+{
+	if (strcmp(kind, "send_email") == 0)
+		return JOB_SEND_EMAIL;
+	if (strcmp(kind, "capture") == 0)
+		return JOB_CAPTURE;
+	return JOB_CREATE_LINK;
 }
 
 /* Copies the rows of the last claim statement. */
@@ -530,7 +588,7 @@ claimed_rows(List *rows)
 		bool		isnull;
 
 		c->id = DatumGetInt64(SPI_getbinval(tuple, desc, 1, &isnull));
-		c->email = DatumGetBool(SPI_getbinval(tuple, desc, 2, &isnull));
+		c->kind = job_kind(SPI_getvalue(tuple, desc, 2));
 		c->account = SPI_getvalue(tuple, desc, 3);
 		c->has_payment = DatumGetBool(SPI_getbinval(tuple, desc, 4, &isnull));
 		c->payload = datumCopy(SPI_getbinval(tuple, desc, 5, &isnull), false, -1);
@@ -653,13 +711,13 @@ claim_jobs(int want)
 		p.job = job;
 		job->cxt = cxt;
 		job->id = c->id;
-		job->email = c->email;
+		job->kind = c->kind;
 		job->account = MemoryContextStrdup(cxt, c->account);
 		job->attempts = c->attempts;
 		if (!in_subxact(prepare_job, &p, &edata))
 		{
 			record_error(c->id, c->attempts, p.retryable,
-						 c->email ? "could not prepare the e-mail: " : "", edata);
+						 c->kind == JOB_SEND_EMAIL ? "could not prepare the e-mail: " : "", edata);
 			MemoryContextDelete(cxt);
 		}
 		else if (p.sent)
@@ -723,7 +781,7 @@ record_outcome(void *arg)
 	f.retry_after_s = -1;
 	values[0] = Int64GetDatum(job->id);
 
-	if (job->email)
+	if (job->kind == JOB_SEND_EMAIL)
 	{
 		if (response->transport == CRMPAY_TRANSPORT_OK)
 		{
@@ -745,7 +803,6 @@ record_outcome(void *arg)
 	else
 	{
 		CrmpayAccount *account = crmpay_load_account(job->account, true);
-		CrmpayLinkResult result;
 		CrmpayGatewayFailure failure;
 
 		if (account == NULL)
@@ -756,11 +813,27 @@ record_outcome(void *arg)
 			record_failure(&f);
 			return;
 		}
-		if (crmpay_link_finish(account, response, &result, &failure))
+		if (job->kind == JOB_CAPTURE)
 		{
-			values[1] = CStringGetTextDatum(crmpay_link_result_json(&result));
-			run_plan(PLAN_LINK_CREATED, values, NULL, SPI_OK_SELECT);
-			return;
+			CrmpayCaptureResult result;
+
+			if (crmpay_capture_finish(account, response, &result, &failure))
+			{
+				values[1] = CStringGetTextDatum(crmpay_capture_result_json(&result));
+				run_plan(PLAN_CAPTURED, values, NULL, SPI_OK_SELECT);
+				return;
+			}
+		}
+		else
+		{
+			CrmpayLinkResult result;
+
+			if (crmpay_link_finish(account, response, &result, &failure))
+			{
+				values[1] = CStringGetTextDatum(crmpay_link_result_json(&result));
+				run_plan(PLAN_LINK_CREATED, values, NULL, SPI_OK_SELECT);
+				return;
+			}
 		}
 		f.retryable = failure.retryable;
 		/* a 401 to credentials that may just have expired: once more with new ones */

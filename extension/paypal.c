@@ -707,78 +707,72 @@ paypal_parse_error(const CrmpayHttpResponse *response, CrmpayGatewayFailure *fai
 	failure->message = buf.data;
 }
 
-PG_FUNCTION_INFO_V1(crmpay_paypal_capture);
-
 /*
- * crmpay._paypal_capture(account text, order_id text, request_id text)
- *		RETURNS jsonb
- *		Captures an approved order: one POST .../capture with the given
- *		PayPal-Request-Id (a retry replays PayPal's first answer).  Returns
- *		{"order_status", "status", "capture_id", "amount_minor", "currency"}
- *		of the capture; ERROR with the gateway failure otherwise.
+ * paypal_build_capture
+ *		POST {api_base}/v2/checkout/orders/{id}/capture with the payment's
+ *		own PayPal-Request-Id (a retry replays PayPal's first answer).
  */
-Datum
-crmpay_paypal_capture(PG_FUNCTION_ARGS)
+static void
+paypal_build_capture(const CrmpayAccount *account, const CrmpayCaptureRequest *request,
+					 CrmpayHttpRequest *out)
 {
-	char	   *name = text_to_cstring(PG_GETARG_TEXT_PP(0));
-	char	   *order_id = text_to_cstring(PG_GETARG_TEXT_PP(1));
-	char	   *request_id = text_to_cstring(PG_GETARG_TEXT_PP(2));
-	CrmpayAccount *account = crmpay_load_account(name, false);
-	CrmpayHttpRequest request = {0};
-	CrmpayHttpResponse response;
-	CrmpayGatewayFailure failure;
 	StringInfoData url;
-	StringInfoData out;
-	const char *error;
-	CrmpayJson *order;
-	const CrmpayJson *capture;
-	int64		amount = -1;
-	char	   *currency = NULL;
 
-	if (account->provider != &crmpay_paypal_provider)
-		ereport(ERROR,
-				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
-				 errmsg("account \"%s\" is not a PayPal account", name)));
-	crmpay_http_check_url(account->api_base, "the account's api_base");
 	initStringInfo(&url);
 	appendStringInfo(&url, "%s/v2/checkout/orders/", account->api_base);
-	crmpay_url_append_escaped(&url, order_id);
+	crmpay_url_append_escaped(&url, request->gateway_ref);
 	appendStringInfoString(&url, "/capture");
 
-	request.method = "POST";
-	request.url = url.data;
-	request.headers = list_make3(crmpay_header_line("PayPal-Request-Id", request_id),
-								 "Content-Type: application/json",
-								 "Prefer: return=representation");
-	request.body = "{}";
-	request.body_len = 2;
-	if (!crmpay_gateway_call(account, &request, &response, &failure))
-		crmpay_raise_gateway_failure(account, &failure);
+	out->method = "POST";
+	out->url = url.data;
+	out->headers = list_make3(crmpay_header_line("PayPal-Request-Id", request->request_id),
+							  "Content-Type: application/json",
+							  "Prefer: return=representation");
+	out->body = "{}";
+	out->body_len = 2;
+}
 
-	order = crmpay_json_parse(response.body, response.body_len, &error);
+/*
+ * paypal_parse_capture
+ *		The order with purchase_units[0].payments.captures[0]: its id, status
+ *		(COMPLETED -> paid, PENDING -> processing, DECLINED/FAILED ->
+ *		failed) and amount.
+ */
+static bool
+paypal_parse_capture(const CrmpayAccount *account, const CrmpayHttpResponse *response,
+					 CrmpayCaptureResult *result, CrmpayGatewayFailure *failure)
+{
+	const char *error;
+	CrmpayJson *order = crmpay_json_parse(response->body, response->body_len, &error);
+	const CrmpayJson *capture;
+	const char *id;
+	const char *status;
+
 	capture = order ? crmpay_json_path(order, "purchase_units.0.payments.captures.0") : NULL;
-	if (capture == NULL || crmpay_json_str(capture, "id") == NULL ||
-		crmpay_json_str(capture, "status") == NULL)
+	id = capture ? crmpay_json_str(capture, "id") : NULL;
+	status = capture ? crmpay_json_str(capture, "status") : NULL;
+	if (id == NULL || status == NULL)
 	{
-		failure.kind = CRMPAY_FAIL_BAD_RESPONSE;
-		failure.http_status = (int) response.status;
-		failure.message = pstrdup("PayPal's capture answer has no purchase_units[0].payments.captures[0] with id and status");
-		crmpay_raise_gateway_failure(account, &failure);
+		failure->message = psprintf("PayPal's capture answer has no purchase_units[0].payments.captures[0] with id and status%s%s",
+									error ? ": " : "", error ? error : "");
+		return false;
 	}
-	(void) paypal_read_amount(crmpay_json_path(capture, "amount"), &amount, &currency);
-
-	initStringInfo(&out);
-	appendStringInfoChar(&out, '{');
-	json_member(&out, "order_status", crmpay_json_str(order, "status") ? crmpay_json_str(order, "status") : "", true);
-	json_member(&out, "status", crmpay_json_str(capture, "status"), false);
-	json_member(&out, "capture_id", crmpay_json_str(capture, "id"), false);
-	if (currency != NULL)
+	result->capture_id = pstrdup(id);
+	result->gateway_status = pstrdup(status);
+	result->order_status = crmpay_pstrdup_or_null(crmpay_json_str(order, "status"));
+	if (strcmp(status, "COMPLETED") == 0)
+		result->status = "paid";
+	else if (strcmp(status, "PENDING") == 0)
+		result->status = "processing";
+	else if (strcmp(status, "DECLINED") == 0 || strcmp(status, "FAILED") == 0)
+		result->status = "failed";
+	if (!paypal_read_amount(crmpay_json_path(capture, "amount"), &result->amount_minor,
+							&result->currency))
 	{
-		appendStringInfo(&out, ", \"amount_minor\": " INT64_FORMAT, amount);
-		json_member(&out, "currency", currency, false);
+		result->amount_minor = -1;
+		result->currency = NULL;
 	}
-	appendStringInfoChar(&out, '}');
-	PG_RETURN_DATUM(DirectFunctionCall1(jsonb_in, CStringGetDatum(out.data)));
+	return true;
 }
 
 /* ----------------------------------------------------------------
@@ -1667,6 +1661,8 @@ const CrmpayProvider crmpay_paypal_provider = {
 	.verify_webhook = paypal_verify_webhook,
 	.parse_webhook = paypal_parse_webhook,
 	.authorize = paypal_authorize,
+	.build_capture = paypal_build_capture,
+	.parse_capture = paypal_parse_capture,
 	.verify_account_webhook = paypal_verify_account_webhook,
 	.build_list_records = paypal_build_list_records,
 	.parse_list_records = paypal_parse_list_records,

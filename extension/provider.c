@@ -627,6 +627,120 @@ crmpay_create_link(const CrmpayAccount *account,
 	return crmpay_link_finish(account, &response, result, failure);
 }
 
+/*
+ * crmpay_capture_prepare
+ *		Builds the capture request of an approved link (the same for the
+ *		sync crmpay.capture_payment and the worker's 'capture' jobs); the
+ *		caller adds the provider's credentials (authorize) and sends it.
+ */
+void
+crmpay_capture_prepare(const CrmpayAccount *account,
+					   const CrmpayCaptureRequest *request,
+					   CrmpayHttpRequest *http)
+{
+	const CrmpayProvider *provider = account->provider;
+
+	require_operation(provider, provider->build_capture, "capturing payments");
+	memset(http, 0, sizeof(*http));
+	if (account->api_base == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("account \"%s\" has no api_base setting", account->name)));
+	crmpay_http_check_url(account->api_base, "the account's api_base");
+	provider->build_capture(account, request, http);
+}
+
+/*
+ * crmpay_capture_finish
+ *		Reads the gateway's answer to a capture request.  True with *result
+ *		filled (which may be a declined capture: result->status "failed"),
+ *		or false with *failure saying why and whether a retry with the same
+ *		request id may succeed.  Touches no database.
+ */
+bool
+crmpay_capture_finish(const CrmpayAccount *account,
+					  const CrmpayHttpResponse *response,
+					  CrmpayCaptureResult *result,
+					  CrmpayGatewayFailure *failure)
+{
+	memset(result, 0, sizeof(*result));
+	result->amount_minor = -1;
+	crmpay_classify_http_failure(account, response, failure);
+	if (failure->kind != CRMPAY_FAIL_NONE)
+		return false;
+	if (!account->provider->parse_capture(account, response, result, failure))
+	{
+		if (failure->kind == CRMPAY_FAIL_NONE)
+		{
+			/* the same request id replays the answer: worth another try */
+			failure->kind = CRMPAY_FAIL_BAD_RESPONSE;
+			failure->retryable = true;
+		}
+		failure->http_status = (int) response->status;
+		return false;
+	}
+	return true;
+}
+
+/*
+ * crmpay_capture_request_from_json
+ *		Reads a capture request as built by crmpay._capture_request():
+ *		{"gateway_ref", "amount_minor", "currency", "request_id"}.
+ */
+CrmpayCaptureRequest *
+crmpay_capture_request_from_json(CrmpayJson *tree)
+{
+	CrmpayCaptureRequest *request = palloc0(sizeof(CrmpayCaptureRequest));
+
+	request->gateway_ref = crmpay_json_str(tree, "gateway_ref");
+	request->currency = crmpay_json_str(tree, "currency");
+	request->request_id = crmpay_json_str(tree, "request_id");
+	if (!crmpay_json_int64(tree, "amount_minor", &request->amount_minor) ||
+		request->gateway_ref == NULL || request->currency == NULL ||
+		request->request_id == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("malformed crmpay capture request")));
+	return request;
+}
+
+/*
+ * crmpay_capture_result_json
+ *		The capture as the JSON text crmpay._gateway_capture returns and the
+ *		worker records: {"status", "gateway_status", "order_status",
+ *		"capture_id", "amount_minor", "currency"} (status null when the
+ *		gateway's word is unknown; amount and currency only when given).
+ */
+char *
+crmpay_capture_result_json(const CrmpayCaptureResult *result)
+{
+	StringInfoData buf;
+
+	initStringInfo(&buf);
+	appendStringInfoString(&buf, "{\"status\": ");
+	if (result->status != NULL)
+		escape_json(&buf, result->status);
+	else
+		appendStringInfoString(&buf, "null");
+	appendStringInfoString(&buf, ", \"gateway_status\": ");
+	escape_json(&buf, result->gateway_status ? result->gateway_status : "");
+	appendStringInfoString(&buf, ", \"order_status\": ");
+	if (result->order_status != NULL)
+		escape_json(&buf, result->order_status);
+	else
+		appendStringInfoString(&buf, "null");
+	appendStringInfoString(&buf, ", \"capture_id\": ");
+	escape_json(&buf, result->capture_id ? result->capture_id : "");
+	if (result->currency != NULL && result->amount_minor >= 0)
+	{
+		appendStringInfo(&buf, ", \"amount_minor\": " INT64_FORMAT ", \"currency\": ",
+						 result->amount_minor);
+		escape_json(&buf, result->currency);
+	}
+	appendStringInfoChar(&buf, '}');
+	return buf.data;
+}
+
 /* ----------------------------------------------------------------
  * Helpers for provider files
  * ----------------------------------------------------------------
@@ -787,6 +901,35 @@ crmpay_gateway_create_link(PG_FUNCTION_ARGS)
 
 	PG_RETURN_DATUM(DirectFunctionCall1(jsonb_in,
 										CStringGetDatum(crmpay_link_result_json(&result))));
+}
+
+PG_FUNCTION_INFO_V1(crmpay_gateway_capture);
+
+/*
+ * crmpay._gateway_capture(account text, request jsonb) RETURNS jsonb
+ *		Synchronous capture (crmpay.capture_payment): one gateway call with
+ *		the request of crmpay._capture_request (a retry with its request id
+ *		replays the gateway's first answer).  Returns the capture as
+ *		crmpay_capture_result_json; ERROR with the gateway failure otherwise.
+ */
+Datum
+crmpay_gateway_capture(PG_FUNCTION_ARGS)
+{
+	char	   *name = text_to_cstring(PG_GETARG_TEXT_PP(0));
+	CrmpayAccount *account = crmpay_load_account(name, false);
+	CrmpayCaptureRequest *request =
+		crmpay_capture_request_from_json(crmpay_json_from_jsonb_datum(PG_GETARG_DATUM(1)));
+	CrmpayHttpRequest http;
+	CrmpayHttpResponse response;
+	CrmpayCaptureResult result;
+	CrmpayGatewayFailure failure;
+
+	crmpay_capture_prepare(account, request, &http);
+	if (!crmpay_gateway_call(account, &http, &response, &failure) ||
+		!crmpay_capture_finish(account, &response, &result, &failure))
+		crmpay_raise_gateway_failure(account, &failure);
+	PG_RETURN_DATUM(DirectFunctionCall1(jsonb_in,
+										CStringGetDatum(crmpay_capture_result_json(&result))));
 }
 
 PG_FUNCTION_INFO_V1(crmpay_validate_account);

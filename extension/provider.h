@@ -52,6 +52,30 @@ typedef struct CrmpayLinkResult
 	TimestampTz expires_at;		/* 0 when the gateway did not say */
 } CrmpayLinkResult;
 
+/*
+ * The capture step of a gateway whose links only authorise (PayPal: the
+ * buyer approves an order, the merchant then captures it).
+ */
+typedef struct CrmpayCaptureRequest
+{
+	const char *gateway_ref;	/* the approved link/order */
+	int64		amount_minor;	/* what the payment is for */
+	const char *currency;
+	const char *request_id;		/* idempotency key: the same on every retry */
+} CrmpayCaptureRequest;
+
+typedef struct CrmpayCaptureResult
+{
+	const char *status;			/* crmpay status it proves (paid, processing,
+								 * failed), NULL when the gateway's status
+								 * is not one we know */
+	char	   *gateway_status; /* the gateway's own word, e.g. COMPLETED */
+	char	   *order_status;	/* the link/order's status after it, or NULL */
+	char	   *capture_id;		/* becomes the payment's gateway_payment_ref */
+	int64		amount_minor;	/* captured; -1 when not given */
+	char	   *currency;		/* NULL when not given */
+} CrmpayCaptureResult;
+
 /* Why a gateway call failed, and whether repeating it may succeed. */
 typedef enum CrmpayFailureKind
 {
@@ -287,6 +311,20 @@ typedef struct CrmpayProvider
 									 CrmpayGatewayFailure *failure);
 
 	/*
+	 * Optional capture step (PayPal), shared by crmpay.capture_payment
+	 * (sync) and the worker's 'capture' jobs: build the request; read a 2xx
+	 * answer into *result (false + *failure if unreadable).  parse must not
+	 * touch the database.  authorize, when set, adds the credentials.
+	 */
+	void		(*build_capture) (const struct CrmpayAccount *account,
+								  const CrmpayCaptureRequest *request,
+								  CrmpayHttpRequest *out);
+	bool		(*parse_capture) (const struct CrmpayAccount *account,
+								  const CrmpayHttpResponse *response,
+								  CrmpayCaptureResult *result,
+								  CrmpayGatewayFailure *failure);
+
+	/*
 	 * Reconciliation, listing mode (Stripe, PayPal): build the request for
 	 * the next page of records created in [state->since, state->until];
 	 * read a 2xx answer into records (List of CrmpayGatewayRecord *) and
@@ -336,6 +374,15 @@ extern bool crmpay_link_finish(const CrmpayAccount *account,
 							   CrmpayLinkResult *result,
 							   CrmpayGatewayFailure *failure);
 extern CrmpayLinkRequest *crmpay_link_request_from_json(CrmpayJson *tree);
+extern void crmpay_capture_prepare(const CrmpayAccount *account,
+								   const CrmpayCaptureRequest *request,
+								   CrmpayHttpRequest *http);
+extern bool crmpay_capture_finish(const CrmpayAccount *account,
+								  const CrmpayHttpResponse *response,
+								  CrmpayCaptureResult *result,
+								  CrmpayGatewayFailure *failure);
+extern CrmpayCaptureRequest *crmpay_capture_request_from_json(CrmpayJson *tree);
+extern char *crmpay_capture_result_json(const CrmpayCaptureResult *result);
 extern char *crmpay_link_result_json(const CrmpayLinkResult *result);
 extern bool crmpay_create_link(const CrmpayAccount *account,
 							   const CrmpayLinkRequest *request,

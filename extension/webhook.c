@@ -6,7 +6,10 @@
  *	  crmpay.receive_webhook() opens the account's webhook secret, checks the
  *	  delivery with the provider's verifier, turns it into normalised events
  *	  and applies them through the payment state machine (payments.c),
- *	  recording every delivery in crmpay.events.  It
+ *	  recording every delivery in crmpay.events.  An applied event that
+ *	  makes a gateway call due (PayPal's CHECKOUT.ORDER.APPROVED: the
+ *	  capture) queues that call as a job of the outbox in the same
+ *	  transaction and wakes the worker at commit.  It
  *	  never raises an ERROR for anything a sender controls (bad signature,
  *	  malformed body, unknown account).  The statements are prepared once
  *	  per backend and take parameters only.  crmpay.verify_signature() is
@@ -27,6 +30,8 @@
 #include "utils/json.h"
 #include "utils/jsonb.h"
 #include "utils/timestamp.h"
+
+#include "worker.h"
 
 /* Converts an interval to whole seconds (0 for NULL or negative). */
 static int64
@@ -152,6 +157,7 @@ enum
 {
 	PLAN_INSERT_EVENT,
 	PLAN_FIND_PAYMENT,
+	PLAN_QUEUE_CAPTURE,
 	NUM_PLANS
 };
 
@@ -189,6 +195,18 @@ intake_plan(int which)
 			"         ORDER BY CASE WHEN gateway_ref = $2 THEN 1 WHEN gateway_payment_ref = $3 THEN 2 ELSE 3 END"
 			"         LIMIT 1 FOR UPDATE) p ON true",
 			5, {TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID}
+		},
+		/*
+		 * The capture job an approved order makes due: at most one queued or
+		 * running per payment (the payment row is locked by FIND_PAYMENT, so
+		 * concurrent deliveries for it queue one after the other).
+		 */
+		[PLAN_QUEUE_CAPTURE] = {
+			"INSERT INTO crmpay.jobs (kind, account, payment_id, payload)"
+			" SELECT 'capture', $1, $2, jsonb_build_object('event_key', $3)"
+			"  WHERE NOT EXISTS (SELECT 1 FROM crmpay.jobs j WHERE j.payment_id = $2"
+			"                       AND j.kind = 'capture' AND j.state IN ('queued', 'running'))",
+			3, {TEXTOID, INT8OID, TEXTOID}
 		},
 	};
 
@@ -389,6 +407,28 @@ apply_event(const char *account, const CrmpayWebhookEvent *event, const char **r
 	return "ignored";
 }
 
+/*
+ * queue_follow_up
+ *		The gateway call an applied event makes due, as a job of the outbox
+ *		(written in this transaction; the worker is woken when it commits).
+ *		Without a running worker the job waits; crmpay.capture_payment
+ *		captures synchronously meanwhile.
+ */
+static void
+queue_follow_up(const char *account, const CrmpayWebhookEvent *event, int64 payment_id)
+{
+	Datum		values[3];
+
+	if (event->follow_up == NULL || strcmp(event->follow_up, "capture") != 0)
+		return;
+	values[0] = CStringGetTextDatum(account);
+	values[1] = Int64GetDatum(payment_id);
+	values[2] = CStringGetTextDatum(event->event_key);
+	spi_run(PLAN_QUEUE_CAPTURE, values, NULL, SPI_OK_INSERT);
+	if (SPI_processed > 0)
+		crmpay_wake_worker_at_commit();
+}
+
 static void
 emit_row(ReturnSetInfo *rsinfo, int http_status, const char *reply,
 		 const char *outcome, const char *event_id)
@@ -454,8 +494,12 @@ crmpay_receive_webhook(PG_FUNCTION_ARGS)
 				reason = event->rejected_reason;
 			}
 			else
+			{
 				outcome = apply_event(account, event, &reason, &payment_id,
 									  &old_status, &new_status);
+				if (strcmp(outcome, "applied") == 0 && event->follow_up != NULL)
+					queue_follow_up(account, event, payment_id);
+			}
 
 			record_event(account, verdict.provider, event, payment_id, outcome, reason,
 						 old_status, new_status, 200, headers, headers_null, body);

@@ -101,6 +101,10 @@ def test_order_link_approve_capture_paid(shop, paypal):
     assert deliver(shop, "pp", approved)[0][2] == "duplicate"
     assert shop.execute("SELECT count(*) FROM crmpay.events WHERE follow_up IS NOT NULL"
                         ).fetchone() == (1,)
+    # the capture is queued for the worker; with none running (this cluster
+    # has no crmpay.database) it waits, and capture_payment works meanwhile
+    assert shop.execute("SELECT kind, state, payment_id FROM crmpay.jobs").fetchall() == [
+        ("capture", "queued", row["id"])]
 
     paid = capture(shop, row["id"])
     assert paid["status"] == "paid" and paid["paid_at"] is not None

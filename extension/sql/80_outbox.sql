@@ -19,6 +19,11 @@ COMMENT ON COLUMN crmpay.payments.order_table IS
  *                yet (payload = {"order": {...}} as read from the new row)
  *   send_email   mail the link to the customer (payload = the rendered
  *                message: to, from, from_name, subject, text, html)
+ *   capture      capture the approved PayPal order of payment_id (queued by
+ *                receive_webhook when a CHECKOUT.ORDER.APPROVED event is
+ *                applied; payload = {"event_key"}, and once done also
+ *                {"capture": the gateway's answer}); at most one queued or
+ *                running per payment
  * state: queued -> running (claimed; run_at is then the lease's end) ->
  * done, or back to queued (retry at run_at), or dead (out of attempts or
  * refused for good; last_error says why; crmpay.retry_job requeues).
@@ -26,7 +31,7 @@ COMMENT ON COLUMN crmpay.payments.order_table IS
 -- Domains rather than table CHECKs: a domain's check is prepared once per
 -- session, a table CHECK is parsed again on every insert (and the trigger of
 -- a linked order table inserts one job per order).
-CREATE DOMAIN crmpay.job_kind AS text CHECK (VALUE IN ('create_link', 'send_email'));
+CREATE DOMAIN crmpay.job_kind AS text CHECK (VALUE IN ('create_link', 'send_email', 'capture'));
 CREATE DOMAIN crmpay.job_state AS text CHECK (VALUE IN ('queued', 'running', 'done', 'dead'));
 
 CREATE TABLE crmpay.jobs (
@@ -54,7 +59,7 @@ CREATE INDEX jobs_due ON crmpay.jobs (run_at, id) WHERE state IN ('queued', 'run
 CREATE INDEX jobs_finished ON crmpay.jobs (state, finished_at) WHERE state IN ('done', 'dead');
 CREATE INDEX jobs_payment ON crmpay.jobs (payment_id);
 COMMENT ON TABLE crmpay.jobs IS
-    'The outbox: work for the background worker (payment links, e-mails), with retries and dead letters';
+    'The outbox: work for the background worker (payment links, e-mails, captures), with retries and dead letters';
 
 /* The circuit breaker of each account, and its last error. */
 CREATE TABLE crmpay.circuits (
@@ -362,6 +367,65 @@ END
 $$;
 
 /*
+ * _capture_job_request: the capture request of a capture job's payment
+ * (crmpay._capture_request), read when the worker prepares the job: NULL
+ * when the payment is captured already (the job is then done without a
+ * call); raises when it cannot be captured (the job goes dead).
+ */
+CREATE FUNCTION crmpay._capture_job_request(job_id bigint) RETURNS jsonb
+    LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+    v_job crmpay.jobs;
+    v_payment crmpay.payments;
+BEGIN
+    SELECT * INTO STRICT v_job FROM crmpay.jobs j WHERE j.id = job_id;
+    SELECT * INTO v_payment FROM crmpay.payments p WHERE p.id = v_job.payment_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'payment % of capture job % does not exist', v_job.payment_id, job_id
+            USING ERRCODE = 'undefined_object';
+    END IF;
+    RETURN crmpay._capture_request(v_payment);
+END
+$$;
+
+/*
+ * _job_captured: records the gateway's answer to a capture job: the
+ * payment moves through the state machine (crmpay._apply_capture), the
+ * answer is kept in the job's payload, the account's circuit closes.  An
+ * answer that cannot be applied (another amount) makes the job dead, with
+ * an alert.
+ */
+CREATE FUNCTION crmpay._job_captured(job_id bigint, capture jsonb) RETURNS void
+    LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+    v_job crmpay.jobs;
+    v_problem text;
+BEGIN
+    SELECT * INTO v_job FROM crmpay.jobs j WHERE j.id = job_id AND j.state = 'running' FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    UPDATE crmpay.circuits c
+       SET state = 'closed', consecutive_failures = 0, open_until = NULL, last_success_at = now()
+     WHERE c.account = v_job.account AND (c.state <> 'closed' OR c.consecutive_failures <> 0);
+    v_problem := crmpay._apply_capture(v_job.payment_id, capture);
+    UPDATE crmpay.jobs j
+       SET payload = j.payload || jsonb_build_object('capture', capture), updated_at = now()
+     WHERE j.id = job_id;
+    IF v_problem IS NOT NULL THEN
+        PERFORM crmpay._job_failed(job_id, NULL, v_problem, 'capture_not_applied', NULL, false);
+        RETURN;
+    END IF;
+    UPDATE crmpay.jobs j
+       SET state = 'done', finished_at = now(), updated_at = now(),
+           last_error = NULL, last_error_code = NULL, last_http_status = NULL
+     WHERE j.id = job_id;
+END
+$$;
+
+/*
  * _job_failed: records a failed attempt.  retry_at NULL makes the job dead
  * (alert job_dead); otherwise it is queued again for retry_at.  counts
  * says whether the failure counts against the account's circuit (gateway
@@ -401,7 +465,7 @@ BEGIN
                                    'error_code', error_code, 'http_status', http_status));
     END IF;
     -- the account's last error (for crmpay.health); gateway failures may trip its circuit
-    counts := counts AND v_job.kind = 'create_link';
+    counts := counts AND v_job.kind <> 'send_email';
     INSERT INTO crmpay.circuits AS c (account, consecutive_failures, last_error, last_failure_at)
     VALUES (v_job.account, CASE WHEN counts THEN 1 ELSE 0 END, error, now())
     ON CONFLICT (account) DO UPDATE
