@@ -1,14 +1,17 @@
 """make demo: one order goes from CRM row to paid, end to end.
 
-Starts a throwaway PostgreSQL cluster with crmpay preloaded, the Stripe
-double on loopback over HTTPS (a CA made for the run; TLS verification on),
-and the reference CRM webhook endpoint; then walks one order through
-account -> order -> link -> customer pays -> webhook -> order paid, printing
-each step.  Everything is stopped and removed at the end, even on failure.
+Starts a throwaway PostgreSQL cluster with crmpay preloaded (and its
+background worker), the gateway doubles on loopback over HTTPS (a CA made
+for the run; TLS verification on), and the reference CRM webhook endpoint;
+then walks one Stripe order through account -> order -> link -> customer
+pays -> webhook -> order paid, and one order each on Adyen, PayPal and
+Redsys through the outbox, printing each step.  Everything is stopped and
+removed at the end, even on failure.
 """
 
 import json
 import os
+import time
 import shutil
 import ssl
 import sys
@@ -20,13 +23,83 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tests"))
 sys.path.insert(0, os.path.join(REPO, "scripts"))
 
+from doubles.adyen_double import AdyenDouble  # noqa: E402
+from doubles.paypal_double import PayPalDouble  # noqa: E402
+from doubles.redsys_double import RedsysDouble  # noqa: E402
 from doubles.stripe_double import StripeDouble  # noqa: E402
+from gateways import deliver  # noqa: E402
 from doubles.tlsca import make_ca_and_server_cert  # noqa: E402
 from lib.cluster import PgCluster, install_signal_handlers  # noqa: E402
 from webhook_endpoint import WebhookEndpoint  # noqa: E402
 
 STRIPE_KEY = "sk_test_demo_4eC39HqLyjWDarjtT1zdp7dc"
 WHSEC = "whsec_demo_9f8e7d6c5b4a39281706f5e4d3c2b1a0"
+ADYEN_KEY = "AQEyhmfxK4_demo_0123456789abcdef"
+ADYEN_HMAC = "44782DEF547AAA06C910C43932B1EB0C71FC68D9D0C057550C48EC2ACF6BA056"
+PAYPAL_ID, PAYPAL_SECRET, PAYPAL_WEBHOOK = "AXdemoClient0123456789", "ECdemoSecret0123456789", "8PT597110X687430LKGECATA"
+REDSYS_KEY, REDSYS_MERCHANT = "Mk9m98IfEblmPfrpsawt7BmxObt98Jev", "999008882"
+
+
+def wait_for(conn, sql, params=(), timeout=30):
+    """Polls a query until it returns a true first column."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        row = conn.execute(sql, params).fetchone()
+        if row and row[0]:
+            return row
+        time.sleep(0.1)
+    raise RuntimeError("timed out waiting for: " + sql)
+
+
+def other_gateways(db, tls, doubles):
+    """One order each on Adyen, PayPal and Redsys (Paygold), through the
+    background worker: request_payment_link -> link -> paid."""
+    adyen = AdyenDouble(api_keys={ADYEN_KEY}, hmac_key=ADYEN_HMAC, certfile=tls["server_cert"],
+                        keyfile=tls["server_key"])
+    paypal = PayPalDouble({PAYPAL_ID: PAYPAL_SECRET}, PAYPAL_WEBHOOK, tls["ca_cert"],
+                          os.path.join(os.path.dirname(tls["ca_cert"]), "ca.key"),
+                          tls["server_cert"], tls["server_key"])
+    redsys = RedsysDouble(certfile=tls["server_cert"], keyfile=tls["server_key"])
+    redsys.add_merchant(REDSYS_MERCHANT, REDSYS_KEY, terminals=("1",), paygold=True)
+    for d in (adyen, paypal, redsys):
+        d.start()
+        doubles.append(d)
+    db.execute("SELECT crmpay.add_account('adyen-eu', 'adyen', %s::jsonb, %s, %s::jsonb)",
+               (json.dumps({"api_key": ADYEN_KEY}), ADYEN_HMAC,
+                json.dumps({"api_base": adyen.base_url, "merchant_account": "ShopECOM",
+                            "return_url": "https://shop.example/thanks"})))
+    db.execute("SELECT crmpay.add_account('paypal', 'paypal', %s::jsonb, %s, %s::jsonb)",
+               (json.dumps({"client_id": PAYPAL_ID, "client_secret": PAYPAL_SECRET}),
+                json.dumps({"webhook_id": PAYPAL_WEBHOOK}),
+                json.dumps({"api_base": paypal.base_url, "return_url": "https://shop.example/thanks",
+                            "cancel_url": "https://shop.example/cart"})))
+    db.execute("SELECT crmpay.add_account('tienda', 'redsys', %s::jsonb, NULL, %s::jsonb)",
+               (json.dumps({"merchant_key": REDSYS_KEY}),
+                json.dumps({"api_base": redsys.base_url, "merchant_code": REDSYS_MERCHANT, "terminal": "1",
+                            "paygold": True, "notification_url": "https://crm.example/redsys/notify",
+                            "url_ok": "https://shop.example/thanks", "url_ko": "https://shop.example/ko"})))
+    orders = [("adyen-eu", "SO-2001", "120.00", "EUR"), ("paypal", "SO-2002", "5000", "JPY"),
+              ("tienda", "SO-2003", "75.50", "EUR")]
+    for account, ref, amount, currency in orders:
+        db.execute("SELECT crmpay.request_payment_link(%s, %s, %s::numeric, %s, 'ana@example.com')",
+                   (account, ref, amount, currency))
+        url = wait_for(db, "SELECT url FROM crmpay.payments WHERE order_ref = %s AND status = 'open'", (ref,))[0]
+        gref = db.execute("SELECT gateway_ref FROM crmpay.payments WHERE order_ref = %s", (ref,)).fetchone()[0]
+        print(f"   {account}: {ref} {amount} {currency}: the worker made the link {url}")
+        if account == "adyen-eu":
+            deliveries = adyen.pay(gref)["deliveries"]
+        elif account == "paypal":
+            deliveries = [paypal.approve(gref)]
+        else:
+            deliveries = redsys.pay(gref)["deliveries"]
+        for d in deliveries:
+            for status, reply, outcome, event_id in deliver(db, account, d):
+                print(f"   {account}: webhook {event_id or '-'} -> {outcome} (HTTP {status}{', ' + reply if reply else ''})")
+        if account == "paypal":
+            print("   paypal: approved; the worker captures the order (PayPal-Request-Id fixed per payment)")
+        wait_for(db, "SELECT status = 'paid' FROM crmpay.payments WHERE order_ref = %s", (ref,))
+    show(db, """SELECT account, order_ref, status, amount_minor, currency, gateway_payment_ref
+                  FROM crmpay.payments WHERE left(order_ref, 4) = 'SO-2' ORDER BY order_ref""")
 
 
 def step(n, text):
@@ -45,10 +118,14 @@ def main():
     tmp = tempfile.mkdtemp(prefix="crmpay-demo-", dir="/tmp")
     os.chmod(tmp, 0o755)
     cluster = double = endpoint = None
+    doubles = []
     try:
         step(1, "Throwaway cluster with crmpay preloaded, Stripe double over HTTPS")
         tls = make_ca_and_server_cert(tmp)
-        cluster = PgCluster(os.environ["CRMPAY_PG_BINDIR"], settings={"crmpay.ca_file": tls["ca_cert"]})
+        cluster = PgCluster(os.environ["CRMPAY_PG_BINDIR"],
+                            settings={"crmpay.ca_file": tls["ca_cert"],
+                                      "crmpay.database": "postgres",          # the background worker's database
+                                      "crmpay.paypal_cert_hosts": "127.0.0.1"})  # the PayPal double's signing cert
         cluster.start()
         print(f"   PostgreSQL on port {cluster.port}, data in {cluster.datadir}")
         db = cluster.connect()
@@ -119,16 +196,19 @@ def main():
         show(db, """SELECT id, order_ref, status, amount_minor, currency, gateway_payment_ref, paid_at
                       FROM crmpay.payments""")
         final = db.execute("SELECT status FROM public.orders WHERE id = 'SO-1001'").fetchone()[0]
-        db.close()
         if final != "paid":
             print("\nDEMO FAILED: the order did not reach 'paid'", file=sys.stderr)
             return 1
-        print("\nDemo complete: order SO-1001 went from CRM row to paid.")
+
+        step(8, "The same SQL on Adyen, PayPal and Redsys, through the background worker (outbox)")
+        other_gateways(db, tls, doubles)
+        db.close()
+        print("\nDemo complete: one order on each gateway went from link to paid.")
         return 0
     finally:
-        step(8, "Stopping and removing everything")
-        if double:
-            double.stop()
+        step(9, "Stopping and removing everything")
+        for d in doubles + ([double] if double else []):
+            d.stop()
         if endpoint:
             endpoint.stop()
         if cluster:
