@@ -133,6 +133,36 @@ END
 $$;
 
 /*
+ * _existing_payment: takes the order's lock (one creator per order at a
+ * time; a second caller waits, then sees the row) and returns the order's
+ * payment, or a row of NULLs when there is none yet.  An existing payment
+ * for another amount or currency is an error.
+ */
+CREATE FUNCTION crmpay._existing_payment(account text, request jsonb)
+    RETURNS crmpay.payments
+    LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+    v_order_ref text := request->>'order_ref';
+    v_payment crmpay.payments;
+BEGIN
+    PERFORM pg_advisory_xact_lock(hashtextextended('crmpay/order' || chr(31) || account || chr(31) || v_order_ref, 0));
+    SELECT * INTO v_payment FROM crmpay.payments p
+     WHERE p.account = _existing_payment.account AND p.order_ref = v_order_ref;
+    IF FOUND AND (v_payment.amount_minor <> (request->>'amount_minor')::bigint
+                  OR v_payment.currency <> request->>'currency') THEN
+        RAISE EXCEPTION 'order "%" already has a payment link for a different amount', v_order_ref
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('The existing payment %s is for %s minor units of %s; this request asks for %s of %s.',
+                                  v_payment.id, v_payment.amount_minor, v_payment.currency,
+                                  request->>'amount_minor', request->>'currency'),
+                  HINT = 'Use a new order_ref for a new amount.';
+    END IF;
+    RETURN v_payment;
+END
+$$;
+
+/*
  * create_payment_link: the synchronous path.  Calls the gateway in the
  * caller's transaction (prefer request_payment_link for that reason) and
  * returns the payment row with the hosted URL.  The same (account,
@@ -153,24 +183,9 @@ DECLARE
 BEGIN
     v_request := crmpay._link_request(account, order_ref, amount, currency, email, description, metadata);
 
-    -- one creator per order at a time; a second caller waits, then sees the row
-    PERFORM pg_advisory_xact_lock(hashtextextended('crmpay/order' || chr(31) || account || chr(31) || order_ref, 0));
-
-    SELECT * INTO v_payment FROM crmpay.payments p
-     WHERE p.account = create_payment_link.account AND p.order_ref = create_payment_link.order_ref;
-    IF FOUND THEN
-        IF v_payment.amount_minor <> (v_request->>'amount_minor')::bigint
-           OR v_payment.currency <> v_request->>'currency' THEN
-            RAISE EXCEPTION 'order "%" already has a payment link for a different amount', order_ref
-                USING ERRCODE = 'invalid_parameter_value',
-                      DETAIL = format('The existing payment %s is for %s minor units of %s; this call asks for %s of %s.',
-                                      v_payment.id, v_payment.amount_minor, v_payment.currency,
-                                      v_request->>'amount_minor', v_request->>'currency'),
-                      HINT = 'Use a new order_ref for a new amount.';
-        END IF;
-        IF v_payment.status <> 'link_pending' THEN
-            RETURN v_payment;
-        END IF;
+    v_payment := crmpay._existing_payment(account, v_request);
+    IF v_payment.id IS NOT NULL AND v_payment.status <> 'link_pending' THEN
+        RETURN v_payment;
     END IF;
 
     v_link := crmpay._gateway_create_link(account, v_request);

@@ -208,11 +208,8 @@ DECLARE
     v_order_ref text := request->>'order_ref';
     v_payment crmpay.payments;
 BEGIN
-    -- one creator per order at a time (the lock create_payment_link takes)
-    PERFORM pg_advisory_xact_lock(hashtextextended('crmpay/order' || chr(31) || account || chr(31) || v_order_ref, 0));
-    SELECT * INTO v_payment FROM crmpay.payments p
-     WHERE p.account = _pending_payment.account AND p.order_ref = v_order_ref;
-    IF NOT FOUND THEN
+    v_payment := crmpay._existing_payment(account, request);
+    IF v_payment.id IS NULL THEN
         INSERT INTO crmpay.payments AS p
             (account, order_ref, amount_minor, currency, status, email, description, metadata,
              idempotency_key, order_table)
@@ -221,15 +218,6 @@ BEGIN
                 request->>'idempotency_key', order_table)
         RETURNING * INTO v_payment;
         RETURN v_payment;
-    END IF;
-    IF v_payment.amount_minor <> (request->>'amount_minor')::bigint
-       OR v_payment.currency <> request->>'currency' THEN
-        RAISE EXCEPTION 'order "%" already has a payment link for a different amount', v_order_ref
-            USING ERRCODE = 'invalid_parameter_value',
-                  DETAIL = format('The existing payment %s is for %s minor units of %s; this request asks for %s of %s.',
-                                  v_payment.id, v_payment.amount_minor, v_payment.currency,
-                                  request->>'amount_minor', request->>'currency'),
-                  HINT = 'Use a new order_ref for a new amount.';
     END IF;
     IF v_payment.order_table IS NULL AND order_table IS NOT NULL THEN
         UPDATE crmpay.payments p SET order_table = _pending_payment.order_table, updated_at = now()
