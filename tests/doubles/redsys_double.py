@@ -82,6 +82,11 @@ import time
 import traceback
 import urllib.parse
 
+try:
+    from .tls_server import TLSThreadingServer
+except ImportError:          # run as a script: tests/doubles is on sys.path
+    from tls_server import TLSThreadingServer
+
 SIGNATURE_VERSION = "HMAC_SHA256_V1"
 REDIRECT_PATH = "/sis/realizarPago"
 REST_PATH = "/sis/rest/trataPeticionREST"
@@ -189,57 +194,7 @@ def field(params, name):
 # HTTP plumbing
 # --------------------------------------------------------------------------
 
-class _Server(http.server.ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 256
-
-    def __init__(self, addr, handler, double, ssl_context):
-        self.double = double
-        self.ssl_context = ssl_context
-        self.active = set()
-        self.active_lock = threading.Lock()
-        super().__init__(addr, handler)
-
-    def finish_request(self, request, client_address):
-        # TLS handshake in the worker thread: a bad client never blocks accept().
-        try:
-            request.settimeout(10)
-            conn = self.ssl_context.wrap_socket(request, server_side=True)
-        except (ssl.SSLError, OSError):
-            with self.double._lock:
-                self.double._stats["tls_failures"] += 1
-            try:
-                request.close()
-            except OSError:
-                pass
-            return
-        with self.active_lock:
-            self.active.add(conn)
-        try:
-            self.RequestHandlerClass(conn, client_address, self)
-        except (ConnectionError, ssl.SSLError, socket.timeout, OSError):
-            pass
-        finally:
-            with self.active_lock:
-                self.active.discard(conn)
-            try:
-                conn.close()
-            except OSError:
-                pass
-
-    def handle_error(self, request, client_address):
-        if self.double.verbose:
-            super().handle_error(request, client_address)
-
-    def close_all_connections(self):
-        with self.active_lock:
-            conns = list(self.active)
-        for c in conns:
-            try:
-                c.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+_Server = TLSThreadingServer
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -320,6 +275,10 @@ class RedsysDouble:
         self._reset_state()
 
     # ------------------------------------------------------------------ life
+
+    def _note_tls_failure(self, exc):
+        with self._lock:
+            self._stats["tls_failures"] += 1
 
     def start(self):
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)

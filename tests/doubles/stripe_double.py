@@ -80,6 +80,11 @@ import time
 import traceback
 import urllib.parse
 
+try:
+    from .tls_server import TLSThreadingServer
+except ImportError:          # run as a script: tests/doubles is on sys.path
+    from tls_server import TLSThreadingServer
+
 # --------------------------------------------------------------------------
 # Constants
 # --------------------------------------------------------------------------
@@ -420,63 +425,7 @@ LIST_FILTERS = {
 # --------------------------------------------------------------------------
 
 
-class _Server(http.server.ThreadingHTTPServer):
-    """Threading HTTP server doing the TLS handshake in the worker thread."""
-
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 512
-
-    def __init__(self, addr, handler, double, ssl_context):
-        self.double = double
-        self.ssl_context = ssl_context
-        self.active = set()
-        self.active_lock = threading.Lock()
-        super().__init__(addr, handler)
-
-    def finish_request(self, request, client_address):
-        # Handshake here (worker thread) rather than in accept(), so one slow
-        # or broken client never blocks the accept loop.
-        try:
-            request.settimeout(10)
-            # http.server writes the status line and headers, then the body:
-            # without TCP_NODELAY, Nagle holds the second write back until
-            # the client's delayed ACK (~40 ms per request on loopback).
-            request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn = self.ssl_context.wrap_socket(request, server_side=True)
-        except (ssl.SSLError, OSError) as exc:
-            self.double._note_tls_failure(exc)
-            try:
-                request.close()
-            except OSError:
-                pass
-            return
-        with self.active_lock:
-            self.active.add(conn)
-        try:
-            self.RequestHandlerClass(conn, client_address, self)
-        except (ConnectionError, ssl.SSLError, socket.timeout, OSError):
-            pass
-        finally:
-            with self.active_lock:
-                self.active.discard(conn)
-            try:
-                conn.close()
-            except OSError:
-                pass
-
-    def handle_error(self, request, client_address):
-        if self.double.verbose:
-            super().handle_error(request, client_address)
-
-    def close_all_connections(self):
-        with self.active_lock:
-            conns = list(self.active)
-        for c in conns:
-            try:
-                c.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+_Server = TLSThreadingServer
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
