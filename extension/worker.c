@@ -122,6 +122,10 @@ static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
 static ProcessUtility_hook_type prev_ProcessUtility = NULL;
 
 /* this backend's pending wake-ups and DROP DATABASE hold */
+/* Loop state of a database worker (statics: they survive an error's longjmp). */
+static int	wait_events = WL_LATCH_SET;	/* what woke the last wait */
+static TimestampTz next_outbox_pass = 0;	/* when the outbox must run next */
+
 static bool xact_callback_registered = false;
 static bool wake_worker_pending = false;
 static bool wake_launcher_pending = false;
@@ -931,13 +935,14 @@ crmpay_worker_main(Datum main_arg)
 			CHECK_FOR_INTERRUPTS();
 		}
 		SetLatch(MyLatch);		/* look for work at once */
+		wait_events = WL_LATCH_SET;
 	}
 	PG_exception_stack = &local_sigjmp_buf;
 
 	for (;;)
 	{
 		long		sleep_ms;
-		long		due_ms;
+		TimestampTz now;
 
 		CHECK_FOR_INTERRUPTS();
 		if (ConfigReloadPending)
@@ -946,16 +951,30 @@ crmpay_worker_main(Datum main_arg)
 			ProcessConfigFile(PGC_SIGHUP);
 			crmpay_outbox_reconfigure();
 		}
-		sleep_ms = crmpay_outbox_run();
+
+		/*
+		 * The outbox runs when woken (a commit that queued work, a signal)
+		 * or when its next job falls due; a timer wake for reconciliation
+		 * schedules alone does not touch it, so an idle worker stays idle.
+		 */
+		now = GetCurrentTimestamp();
+		if ((wait_events & WL_LATCH_SET) || now >= next_outbox_pass)
+		{
+			long		outbox_ms = crmpay_outbox_run();
+
+			now = GetCurrentTimestamp();
+			next_outbox_pass = outbox_ms < 0 ? DT_NOEND
+				: TimestampTzPlusMilliseconds(now, outbox_ms);
+			errors = 0;
+			crmpay_worker_report(NULL);
+		}
+
 		/* due reconciliation schedules run in their own worker (reconcile.c) */
-		due_ms = crmpay_reconcile_start_due();
-		if (sleep_ms < 0 || due_ms < sleep_ms)
-			sleep_ms = due_ms;
-		errors = 0;
-		crmpay_worker_report(NULL);
-		(void) WaitLatch(MyLatch,
-						 WL_LATCH_SET | WL_EXIT_ON_PM_DEATH | (sleep_ms >= 0 ? WL_TIMEOUT : 0),
-						 sleep_ms, PG_WAIT_EXTENSION);
+		sleep_ms = crmpay_reconcile_start_due();
+		if (next_outbox_pass != DT_NOEND)
+			sleep_ms = Min(sleep_ms, Max(0, (next_outbox_pass - now) / 1000));
+		wait_events = WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+								sleep_ms, PG_WAIT_EXTENSION);
 		ResetLatch(MyLatch);
 	}
 }

@@ -31,3 +31,23 @@ def test_worker_runs_a_due_schedule_and_heals_the_lost_webhook(shop, stripe, wor
     next_run = shop.execute("SELECT next_run_at > now() + interval '23 hours' FROM crmpay.reconciliation_schedules"
                             " WHERE account = 'shop'").fetchone()[0]
     assert next_run
+
+
+def test_schedule_checks_keep_an_idle_worker_idle(make_cluster):
+    """Timer wakes that look for due schedules (every 200 ms here) are not a
+    poll of the outbox: an idle worker's activity does not change."""
+    import time
+    cluster = make_cluster(settings={"crmpay.database": "idle_db", "crmpay.reconcile_check_interval": "200ms"})
+    cluster.create_database("idle_db")
+    cluster.restart()
+    conn = cluster.connect("idle_db")
+    conn.execute("CREATE EXTENSION crmpay")
+    sql = ("SELECT state, state_change, query FROM pg_stat_activity WHERE backend_type = 'crmpay worker'"
+           " AND datname = 'idle_db'")
+    first = wait_for(lambda: (lambda r: r if r and r[0] == "idle" else None)(conn.execute(sql).fetchone()),
+                     what="an idle worker")
+    time.sleep(1.0)             # let the start-up passes settle
+    settled = conn.execute(sql).fetchone()
+    time.sleep(2.0)             # ten schedule checks
+    assert conn.execute(sql).fetchone() == settled
+    assert settled[2] == "crmpay worker: waiting for jobs" and first[0] == "idle"
