@@ -69,6 +69,12 @@ extern CrmpayHeaders *crmpay_headers_from_jsonb(Datum jsonb);
 extern const char *crmpay_header_get(const CrmpayHeaders *headers,
 									 const char *name);
 
+/* spi_plans.c: saved plans and NULL-able text parameters */
+struct _SPI_plan;
+extern struct _SPI_plan *crmpay_saved_plan(struct _SPI_plan **slot, const char *sql,
+										   int nargs, const Oid *types);
+extern Datum crmpay_text_param(const char *s, char *isnull);
+
 /* payments.c: the state machine */
 extern bool crmpay_apply_status_locked(int64 payment_id, const char *current_status,
 									   const char *new_status, const char *gateway_payment_ref,

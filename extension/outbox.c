@@ -249,17 +249,8 @@ outbox_plan(int which)
 		},
 	};
 
-	if (plans[which] == NULL)
-	{
-		SPIPlanPtr	plan = SPI_prepare(defs[which].sql, defs[which].nargs,
-									   (Oid *) defs[which].types);
-
-		if (plan == NULL)
-			elog(ERROR, "crmpay: SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
-		SPI_keepplan(plan);
-		plans[which] = plan;
-	}
-	return plans[which];
+	return crmpay_saved_plan(&plans[which], defs[which].sql, defs[which].nargs,
+							 defs[which].types);
 }
 
 static void

@@ -353,16 +353,7 @@ token_plan(int which)
 	static const int nargs[NUM_TOKEN_PLANS] = {1, 1, 1, 4};
 	Oid			types[4] = {TEXTOID, BYTEAOID, TIMESTAMPTZOID, TIMESTAMPTZOID};
 
-	if (token_plans[which] == NULL)
-	{
-		SPIPlanPtr	plan = SPI_prepare(sql[which], nargs[which], types);
-
-		if (plan == NULL)
-			elog(ERROR, "crmpay: SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
-		SPI_keepplan(plan);
-		token_plans[which] = plan;
-	}
-	return token_plans[which];
+	return crmpay_saved_plan(&token_plans[which], sql[which], nargs[which], types);
 }
 
 static char *

@@ -142,18 +142,14 @@ read_account(const char *name)
 
 	values[0] = CStringGetTextDatum(name);
 	SPI_connect();
-	if (plan == NULL)
 	{
-		Oid			argtypes[1] = {TEXTOID};
-		SPIPlanPtr	p = SPI_prepare("SELECT provider, credentials, webhook_secret, settings::text,"
-									"       'crmpay.gateway_accounts'::regclass::oid"
-									"  FROM crmpay.gateway_accounts WHERE name = $1",
-									1, argtypes);
+		static const Oid argtypes[1] = {TEXTOID};
 
-		if (p == NULL)
-			elog(ERROR, "crmpay: SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
-		SPI_keepplan(p);
-		plan = p;
+		crmpay_saved_plan(&plan,
+						  "SELECT provider, credentials, webhook_secret, settings::text,"
+						  "       'crmpay.gateway_accounts'::regclass::oid"
+						  "  FROM crmpay.gateway_accounts WHERE name = $1",
+						  1, argtypes);
 	}
 	rc = SPI_execute_plan(plan, values, NULL, true, 1);
 	if (rc != SPI_OK_SELECT)

@@ -260,28 +260,6 @@ progress_phase(const char *phase)
  * Small SPI helpers
  * ----------------------------------------------------------------
  */
-static SPIPlanPtr
-prepare_saved(SPIPlanPtr *slot, const char *sql, int nargs, Oid *types)
-{
-	if (*slot == NULL)
-	{
-		SPIPlanPtr	plan = SPI_prepare(sql, nargs, types);
-
-		if (plan == NULL)
-			elog(ERROR, "crmpay: SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
-		SPI_keepplan(plan);
-		*slot = plan;
-	}
-	return *slot;
-}
-
-static Datum
-text_datum_or_null(const char *s, char *isnull)
-{
-	*isnull = s ? ' ' : 'n';
-	return s ? CStringGetTextDatum(s) : (Datum) 0;
-}
-
 /* ----------------------------------------------------------------
  * Staging gateway records: one INSERT per batch, columns as arrays
  * ----------------------------------------------------------------
@@ -409,7 +387,7 @@ stage_records(int64 run_id, int64 import_id, const char *account,
 		values[3 + c] = build_array(elems[c], elem_nulls[c], n, coltypes[c]);
 		nulls[3 + c] = ' ';
 	}
-	rc = SPI_execute_plan(prepare_saved(&plans[which], sql[which], 3 + STAGE_COLUMNS, argtypes),
+	rc = SPI_execute_plan(crmpay_saved_plan(&plans[which], sql[which], 3 + STAGE_COLUMNS, argtypes),
 						  values, nulls, false, 0);
 	if (rc != SPI_OK_INSERT)
 		elog(ERROR, "crmpay: staging gateway records failed: %s", SPI_result_code_string(rc));
@@ -448,7 +426,7 @@ load_run(int64 run_id, RunInfo *run)
 	MemoryContext callercxt = CurrentMemoryContext;
 
 	values[0] = Int64GetDatum(run_id);
-	rc = SPI_execute_plan(prepare_saved(&plan,
+	rc = SPI_execute_plan(crmpay_saved_plan(&plan,
 										"SELECT account, window_start, window_end,"
 										"       (extract(epoch FROM margin) * 1000000)::int8,"
 										"       match_on, 'list' = ANY (sources), 'orders' = ANY (sources),"
@@ -567,7 +545,7 @@ next_order(const RunInfo *run, int64 after_payment)
 	values[2] = TimestampTzGetDatum(run->window_end);
 	values[3] = Int64GetDatum(after_payment);
 	values[4] = Int64GetDatum(run->id);
-	rc = SPI_execute_plan(prepare_saved(&plans[which], sql[which], 5, types), values, NULL, true, 1);
+	rc = SPI_execute_plan(crmpay_saved_plan(&plans[which], sql[which], 5, types), values, NULL, true, 1);
 	if (rc != SPI_OK_SELECT)
 		elog(ERROR, "crmpay: listing payments to query failed: %s", SPI_result_code_string(rc));
 	if (SPI_processed == 0)
@@ -734,10 +712,10 @@ save_driver_state(const RunInfo *run, const DriverState *st, bool keep_state)
 	int			rc;
 
 	values[0] = Int64GetDatum(run->id);
-	values[1] = text_datum_or_null(keep_state ? driver_state_json(st) : NULL, &nulls[1]);
+	values[1] = crmpay_text_param(keep_state ? driver_state_json(st) : NULL, &nulls[1]);
 	values[2] = Int32GetDatum(st->pages);
 	values[3] = Int64GetDatum(st->loaded);
-	rc = SPI_execute_plan(prepare_saved(&plan,
+	rc = SPI_execute_plan(crmpay_saved_plan(&plan,
 										"UPDATE crmpay.reconciliation_runs"
 										"   SET fetch_state = $2::jsonb, pages_fetched = $3, records_loaded = $4,"
 										"       phase = 'fetching', heartbeat_at = clock_timestamp()"
@@ -1110,7 +1088,7 @@ crmpay_import_report(PG_FUNCTION_ARGS)
 		values[1] = CStringGetTextDatum(format);
 		values[2] = CStringGetTextDatum(source);
 		values[3] = CStringGetTextDatum(hex);
-		rc = SPI_execute_plan(prepare_saved(&insert_plan,
+		rc = SPI_execute_plan(crmpay_saved_plan(&insert_plan,
 											"INSERT INTO crmpay.report_imports"
 											" (account, format, source, lines, records, duplicates, sha256)"
 											" VALUES ($1, $2, $3, 0, 0, 0, $4) RETURNING id",
@@ -1135,7 +1113,7 @@ crmpay_import_report(PG_FUNCTION_ARGS)
 		nulls[4] = state.first_at ? ' ' : 'n';
 		values[5] = TimestampTzGetDatum(state.last_at);
 		nulls[5] = state.last_at ? ' ' : 'n';
-		rc = SPI_execute_plan(prepare_saved(&update_plan,
+		rc = SPI_execute_plan(crmpay_saved_plan(&update_plan,
 											"UPDATE crmpay.report_imports SET lines = $2, records = $3, duplicates = $4,"
 											" first_at = $5, last_at = $6 WHERE id = $1",
 											6, types),
@@ -1348,7 +1326,7 @@ step_begin(void *arg)
 	values[3] = BoolGetDatum(s->heal);
 	values[4] = Int64GetDatum(s->schedule_id);
 	nulls[4] = s->schedule_id > 0 ? ' ' : 'n';
-	rc = SPI_execute_plan(prepare_saved(&plan,
+	rc = SPI_execute_plan(crmpay_saved_plan(&plan,
 										"SELECT crmpay._reconcile_begin($1, $2, $3, $4, 'stepwise', $5)",
 										5, types),
 						  values, nulls, false, 1);
@@ -1453,7 +1431,7 @@ step_finish(void *arg)
 
 	save_driver_state(&s->run, &s->st, false);
 	values[0] = Int64GetDatum(s->run.id);
-	rc = SPI_execute_plan(prepare_saved(&plan,
+	rc = SPI_execute_plan(crmpay_saved_plan(&plan,
 										"SELECT crmpay._reconcile_match($1), crmpay._reconcile_heal($1),"
 										"       crmpay._reconcile_finish($1)",
 										1, types),
@@ -1482,12 +1460,12 @@ step_fail(void *arg)
 	local_progress.loaded = f->run->st.loaded;
 	values[0] = Int64GetDatum(f->run->run.id);
 	nulls[0] = ' ';
-	values[1] = text_datum_or_null(unpack_sql_state(f->error->sqlerrcode), &nulls[1]);
-	values[2] = text_datum_or_null(f->error->message, &nulls[2]);
-	values[3] = text_datum_or_null(f->error->detail, &nulls[3]);
-	values[4] = text_datum_or_null(f->error->hint, &nulls[4]);
-	values[5] = text_datum_or_null(f->error->context, &nulls[5]);
-	rc = SPI_execute_plan(prepare_saved(&plan, "SELECT crmpay._reconcile_fail($1, $2, $3, $4, $5, $6)",
+	values[1] = crmpay_text_param(unpack_sql_state(f->error->sqlerrcode), &nulls[1]);
+	values[2] = crmpay_text_param(f->error->message, &nulls[2]);
+	values[3] = crmpay_text_param(f->error->detail, &nulls[3]);
+	values[4] = crmpay_text_param(f->error->hint, &nulls[4]);
+	values[5] = crmpay_text_param(f->error->context, &nulls[5]);
+	rc = SPI_execute_plan(crmpay_saved_plan(&plan, "SELECT crmpay._reconcile_fail($1, $2, $3, $4, $5, $6)",
 										6, types),
 						  values, nulls, false, 1);
 	if (rc != SPI_OK_SELECT)
@@ -1614,7 +1592,7 @@ extension_owner(void)
 	Datum		d;
 	int			rc;
 
-	rc = SPI_execute_plan(prepare_saved(&plan,
+	rc = SPI_execute_plan(crmpay_saved_plan(&plan,
 										"SELECT extowner FROM pg_catalog.pg_extension WHERE extname = 'crmpay'",
 										0, NULL),
 						  NULL, NULL, true, 1);
@@ -1791,14 +1769,14 @@ crmpay_reconcile_run_due_in_worker(void)
 			values[0] = Int64GetDatum(due.id);
 			values[1] = Int64GetDatum(run_id);
 			nulls[1] = start_error ? 'n' : ' ';
-			values[2] = text_datum_or_null(start_error ? start_error->message : NULL, &nulls[2]);
+			values[2] = crmpay_text_param(start_error ? start_error->message : NULL, &nulls[2]);
 			if (start_error)
 				ereport(WARNING,
 						(errmsg("scheduled reconciliation of account \"%s\" did not start: %s",
 								due.account, start_error->message)));
 			else
 				done++;
-			if (SPI_execute_plan(prepare_saved(&plan,
+			if (SPI_execute_plan(crmpay_saved_plan(&plan,
 											   "UPDATE crmpay.reconciliation_schedules"
 											   "   SET last_run_id = coalesce($2, last_run_id), last_error = $3"
 											   " WHERE id = $1",

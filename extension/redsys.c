@@ -662,21 +662,17 @@ redsys_order_number(const CrmpayAccount *account, const char *order_ref)
 				 errmsg("account \"%s\" has no Redsys merchant_code", account->name)));
 
 	SPI_connect();
-	if (plan == NULL)
 	{
-		Oid			types[4] = {TEXTOID, TEXTOID, TEXTOID, TEXTOID};
-		SPIPlanPtr	p = SPI_prepare("SELECT 1 FROM crmpay.payments p"
-									" WHERE p.gateway_ref = $1"
-									"   AND p.account IN (SELECT a.name FROM crmpay.gateway_accounts a"
-									"                      WHERE a.provider = 'redsys'"
-									"                        AND a.settings->>'merchant_code' = $2)"
-									"   AND NOT (p.account = $3 AND p.order_ref = $4)"
-									" LIMIT 1", 4, types);
+		static const Oid types[4] = {TEXTOID, TEXTOID, TEXTOID, TEXTOID};
 
-		if (p == NULL)
-			elog(ERROR, "crmpay: SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
-		SPI_keepplan(p);
-		plan = p;
+		crmpay_saved_plan(&plan,
+						  "SELECT 1 FROM crmpay.payments p"
+						  " WHERE p.gateway_ref = $1"
+						  "   AND p.account IN (SELECT a.name FROM crmpay.gateway_accounts a"
+						  "                      WHERE a.provider = 'redsys'"
+						  "                        AND a.settings->>'merchant_code' = $2)"
+						  "   AND NOT (p.account = $3 AND p.order_ref = $4)"
+						  " LIMIT 1", 4, types);
 	}
 
 	for (attempt = 0; attempt < 100; attempt++)

@@ -210,24 +210,8 @@ intake_plan(int which)
 		},
 	};
 
-	if (intake_plans[which] == NULL)
-	{
-		SPIPlanPtr	plan = SPI_prepare(defs[which].sql, defs[which].nargs,
-									   (Oid *) defs[which].types);
-
-		if (plan == NULL)
-			elog(ERROR, "crmpay: SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
-		SPI_keepplan(plan);
-		intake_plans[which] = plan;
-	}
-	return intake_plans[which];
-}
-
-static Datum
-text_or_null(const char *s, char *isnull)
-{
-	*isnull = s ? ' ' : 'n';
-	return s ? CStringGetTextDatum(s) : (Datum) 0;
+	return crmpay_saved_plan(&intake_plans[which], defs[which].sql, defs[which].nargs,
+							 defs[which].types);
 }
 
 static void
@@ -249,16 +233,16 @@ record_event(const char *account, const char *provider, const CrmpayWebhookEvent
 	Datum		values[13];
 	char		nulls[13];
 
-	values[0] = text_or_null(account, &nulls[0]);
-	values[1] = text_or_null(provider, &nulls[1]);
-	values[2] = text_or_null(event ? event->event_key : NULL, &nulls[2]);
-	values[3] = text_or_null(event ? event->event_type : NULL, &nulls[3]);
+	values[0] = crmpay_text_param(account, &nulls[0]);
+	values[1] = crmpay_text_param(provider, &nulls[1]);
+	values[2] = crmpay_text_param(event ? event->event_key : NULL, &nulls[2]);
+	values[3] = crmpay_text_param(event ? event->event_type : NULL, &nulls[3]);
 	values[4] = Int64GetDatum(payment_id);
 	nulls[4] = payment_id > 0 ? ' ' : 'n';
-	values[5] = text_or_null(outcome, &nulls[5]);
-	values[6] = text_or_null(reason, &nulls[6]);
-	values[7] = text_or_null(old_status, &nulls[7]);
-	values[8] = text_or_null(new_status, &nulls[8]);
+	values[5] = crmpay_text_param(outcome, &nulls[5]);
+	values[6] = crmpay_text_param(reason, &nulls[6]);
+	values[7] = crmpay_text_param(old_status, &nulls[7]);
+	values[8] = crmpay_text_param(new_status, &nulls[8]);
 	values[9] = Int32GetDatum(http_status);
 	nulls[9] = ' ';
 	values[10] = headers;
@@ -266,7 +250,7 @@ record_event(const char *account, const char *provider, const CrmpayWebhookEvent
 	values[11] = PointerGetDatum(body);
 	nulls[11] = body ? ' ' : 'n';
 	/* a follow-up (e.g. PayPal's capture) is due only when the event moved the payment */
-	values[12] = text_or_null(event && outcome && strcmp(outcome, "applied") == 0
+	values[12] = crmpay_text_param(event && outcome && strcmp(outcome, "applied") == 0
 							  ? event->follow_up : NULL, &nulls[12]);
 	spi_run(PLAN_INSERT_EVENT, values, nulls, SPI_OK_INSERT);
 }
@@ -312,9 +296,9 @@ apply_event(const char *account, const CrmpayWebhookEvent *event, const char **r
 
 	values[0] = CStringGetTextDatum(account);
 	nulls[0] = ' ';
-	values[1] = text_or_null(event->gateway_ref, &nulls[1]);
-	values[2] = text_or_null(event->gateway_payment_ref, &nulls[2]);
-	values[3] = text_or_null(event->order_ref, &nulls[3]);
+	values[1] = crmpay_text_param(event->gateway_ref, &nulls[1]);
+	values[2] = crmpay_text_param(event->gateway_payment_ref, &nulls[2]);
+	values[3] = crmpay_text_param(event->order_ref, &nulls[3]);
 	values[4] = CStringGetTextDatum(event->event_key);
 	nulls[4] = ' ';
 	spi_run(PLAN_FIND_PAYMENT, values, nulls, SPI_OK_SELECT);
