@@ -1037,6 +1037,33 @@ key_is(const AdyenField *key, const char *name)
 	return strlen(name) == key->len && memcmp(name, key->text, key->len) == 0;
 }
 
+/* What follows a member of an object or array. */
+typedef enum
+{
+	SCAN_MORE,					/* a ',' (consumed): another member follows */
+	SCAN_CLOSED,				/* the closing bracket (consumed) */
+	SCAN_BROKEN					/* anything else: sc records the error */
+} ScanAfter;
+
+static ScanAfter
+scan_after_member(AdyenScan *sc, char close)
+{
+	scan_ws(sc);
+	if (sc->p < sc->end && *sc->p == ',')
+	{
+		sc->p++;
+		scan_ws(sc);
+		return SCAN_MORE;
+	}
+	if (sc->p < sc->end && *sc->p == close)
+	{
+		sc->p++;
+		return SCAN_CLOSED;
+	}
+	(void) scan_fail(sc, close == '}' ? "',' or '}' expected" : "',' or ']' expected");
+	return SCAN_BROKEN;
+}
+
 /* An object (sc->p at '{'); members get their role from this one's. */
 static bool
 scan_object(AdyenScan *sc, AdyenRole role, AdyenItem *item)
@@ -1112,19 +1139,15 @@ scan_object(AdyenScan *sc, AdyenRole role, AdyenItem *item)
 		}
 		if (!scan_value(sc, member, member_item, field))
 			return false;
-		scan_ws(sc);
-		if (sc->p < sc->end && *sc->p == ',')
+		switch (scan_after_member(sc, '}'))
 		{
-			sc->p++;
-			scan_ws(sc);
-			continue;
+			case SCAN_MORE:
+				continue;
+			case SCAN_CLOSED:
+				return true;
+			default:
+				return false;
 		}
-		if (sc->p < sc->end && *sc->p == '}')
-		{
-			sc->p++;
-			return true;
-		}
-		return scan_fail(sc, "',' or '}' expected");
 	}
 }
 
@@ -1156,19 +1179,15 @@ scan_array(AdyenScan *sc, AdyenRole role)
 		}
 		if (!scan_value(sc, role == R_ITEMS ? R_WRAPPER : R_SKIP, item, NULL))
 			return false;
-		scan_ws(sc);
-		if (sc->p < sc->end && *sc->p == ',')
+		switch (scan_after_member(sc, ']'))
 		{
-			sc->p++;
-			scan_ws(sc);
-			continue;
+			case SCAN_MORE:
+				continue;
+			case SCAN_CLOSED:
+				return true;
+			default:
+				return false;
 		}
-		if (sc->p < sc->end && *sc->p == ']')
-		{
-			sc->p++;
-			return true;
-		}
-		return scan_fail(sc, "',' or ']' expected");
 	}
 }
 
