@@ -75,7 +75,23 @@ extern struct _SPI_plan *crmpay_saved_plan(struct _SPI_plan **slot, const char *
 										   int nargs, const Oid *types);
 extern Datum crmpay_text_param(const char *s, char *isnull);
 
-/* payments.c: the state machine */
+/*
+ * payments.c: the state machine.  CRMPAY_PAYMENT_MOVE_SQL is the one UPDATE
+ * that moves a payment (allowed by crmpay_transition_allowed, row locked):
+ * $1 payment id, $2 new status, $3 gateway payment ref (kept if already
+ * known), $4 refunded total (only grows; NULL for none), $5 paid at.
+ */
+#define CRMPAY_PAYMENT_MOVE_SQL \
+	"UPDATE crmpay.payments p" \
+	"   SET status = $2," \
+	"       gateway_payment_ref = coalesce(p.gateway_payment_ref, $3)," \
+	"       refunded_minor = greatest(p.refunded_minor, coalesce($4, 0))," \
+	"       paid_at = CASE WHEN $2 = 'paid' THEN coalesce(p.paid_at, $5) ELSE p.paid_at END," \
+	"       updated_at = now()" \
+	" WHERE p.id = $1"
+extern bool crmpay_transition_allowed(const char *from_status, const char *to_status);
+extern bool crmpay_record_payment_facts(int64 payment_id, const char *gateway_payment_ref,
+										int64 refunded_minor);
 extern bool crmpay_apply_status_locked(int64 payment_id, const char *current_status,
 									   const char *new_status, const char *gateway_payment_ref,
 									   int64 refunded_minor, TimestampTz at);

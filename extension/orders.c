@@ -351,6 +351,10 @@ crmpay_sync_order(PG_FUNCTION_ARGS)
 	relid = DatumGetObjectId(SPI_getbinval(row, desc, SPI_fnumber(desc, "order_table"), &isnull));
 	if (isnull)
 		return PointerGetDatum(NULL);
+	/* an update that wrote the same status, URL and table changes nothing there */
+	if (!is_insert && !column_changed(trigdata, "status") && !column_changed(trigdata, "url") &&
+		!column_changed(trigdata, "order_table"))
+		return PointerGetDatum(NULL);
 
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "crmpay: SPI_connect failed");

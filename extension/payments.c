@@ -6,7 +6,8 @@
  *	  crmpay_apply_status() is the one place a payment's status changes
  *	  after its link exists: webhooks and reconciliation both go through
  *	  it.  Which moves are allowed is data, the table
- *	  crmpay.status_transitions; the row is locked first, so concurrent
+ *	  crmpay.status_transitions (cached per backend, dropped when it
+ *	  changes); the row is locked first, so concurrent
  *	  deliveries decide on the latest status and a late or out-of-order
  *	  event can never move a payment backwards.  Facts that only grow (the
  *	  gateway's payment id, the cumulative refunded amount) are kept even
@@ -25,7 +26,10 @@
 #include "executor/spi.h"
 #include "fmgr.h"
 #include "utils/builtins.h"
+#include "utils/datum.h"
+#include "utils/inval.h"
 #include "utils/json.h"
+#include "utils/memutils.h"
 #include "utils/rel.h"
 
 enum
@@ -33,6 +37,8 @@ enum
 	PLAN_LOCK,
 	PLAN_MOVE,
 	PLAN_FACTS,
+	PLAN_KEEP_REF,
+	PLAN_TRANSITIONS,
 	NUM_PLANS
 };
 
@@ -52,14 +58,7 @@ state_plan(int which)
 			1, {INT8OID}
 		},
 		[PLAN_MOVE] = {
-			"UPDATE crmpay.payments p"
-			"   SET status = $2,"
-			"       gateway_payment_ref = coalesce(p.gateway_payment_ref, $3),"
-			"       refunded_minor = greatest(p.refunded_minor, coalesce($4, 0)),"
-			"       paid_at = CASE WHEN $2 = 'paid' THEN coalesce(p.paid_at, $5) ELSE p.paid_at END,"
-			"       updated_at = now()"
-			" WHERE p.id = $1 AND EXISTS (SELECT 1 FROM crmpay.status_transitions t"
-			"                              WHERE t.from_status = p.status AND t.to_status = $2)",
+			CRMPAY_PAYMENT_MOVE_SQL,
 			5, {INT8OID, TEXTOID, TEXTOID, INT8OID, TIMESTAMPTZOID}
 		},
 		[PLAN_FACTS] = {
@@ -71,10 +70,129 @@ state_plan(int which)
 			"                      OR coalesce($3, 0) > p.refunded_minor)",
 			3, {INT8OID, TEXTOID, INT8OID}
 		},
+		[PLAN_KEEP_REF] = {
+			"INSERT INTO crmpay.payment_refs (account, gateway_payment_ref, payment_id)"
+			" VALUES ($1, $2, $3)"
+			" ON CONFLICT (account, gateway_payment_ref) DO UPDATE SET payment_id = excluded.payment_id"
+			" WHERE payment_refs.payment_id <> excluded.payment_id",
+			3, {TEXTOID, TEXTOID, INT8OID}
+		},
+		[PLAN_TRANSITIONS] = {
+			"SELECT from_status, to_status, 'crmpay.status_transitions'::regclass"
+			"  FROM crmpay.status_transitions",
+			0, {InvalidOid}
+		},
 	};
 
 	return crmpay_saved_plan(&plans[which], defs[which].sql, defs[which].nargs,
 							 defs[which].types);
+}
+
+/*
+ * The edges of crmpay.status_transitions, cached per backend: every status
+ * change asks whether its edge exists.  A statement trigger on the table
+ * (crmpay._cached_table_changed) sends a relcache invalidation on every
+ * change, and the callback below drops the copy.
+ */
+typedef struct Transition
+{
+	char	   *from_status;
+	char	   *to_status;
+} Transition;
+
+static MemoryContext transitions_cxt = NULL;
+static Transition *transitions = NULL;
+static int	num_transitions = -1;	/* -1: not loaded */
+static Oid	transitions_relid = InvalidOid;
+
+/* Relcache callback: a change to crmpay.status_transitions (or a full reset). */
+static void
+transitions_invalidate(Datum arg, Oid relid)
+{
+	if (relid == InvalidOid || relid == transitions_relid)
+	{
+		num_transitions = -1;
+		transitions = NULL;
+		transitions_relid = InvalidOid;
+		if (transitions_cxt != NULL)
+			MemoryContextReset(transitions_cxt);
+	}
+}
+
+/* Reads crmpay.status_transitions into the cache.  Caller is connected to SPI. */
+static void
+load_transitions(void)
+{
+	int			rc;
+	int			n = 0;
+
+	if (transitions_cxt == NULL)
+	{
+		transitions_cxt = AllocSetContextCreate(CacheMemoryContext, "crmpay status transitions",
+												ALLOCSET_SMALL_SIZES);
+		CacheRegisterRelcacheCallback(transitions_invalidate, (Datum) 0);
+	}
+	rc = SPI_execute_plan(state_plan(PLAN_TRANSITIONS), NULL, NULL, true, 0);
+	if (rc != SPI_OK_SELECT)
+		elog(ERROR, "crmpay: reading the status transitions failed: %s", SPI_result_code_string(rc));
+	MemoryContextReset(transitions_cxt);
+	transitions = MemoryContextAlloc(transitions_cxt, Max(SPI_processed, 1) * sizeof(Transition));
+	for (uint64 i = 0; i < SPI_processed; i++)
+	{
+		HeapTuple	row = SPI_tuptable->vals[i];
+		TupleDesc	desc = SPI_tuptable->tupdesc;
+		bool		isnull;
+
+		transitions[n].from_status = MemoryContextStrdup(transitions_cxt, SPI_getvalue(row, desc, 1));
+		transitions[n].to_status = MemoryContextStrdup(transitions_cxt, SPI_getvalue(row, desc, 2));
+		transitions_relid = DatumGetObjectId(SPI_getbinval(row, desc, 3, &isnull));
+		n++;
+	}
+	num_transitions = n;
+}
+
+/*
+ * crmpay_transition_allowed
+ *		Whether crmpay.status_transitions has the edge from -> to.  The
+ *		caller must be connected to SPI (the first call reads the table).
+ */
+bool
+crmpay_transition_allowed(const char *from_status, const char *to_status)
+{
+	if (num_transitions < 0)
+		load_transitions();
+	for (int i = 0; i < num_transitions; i++)
+		if (strcmp(transitions[i].from_status, from_status) == 0 &&
+			strcmp(transitions[i].to_status, to_status) == 0)
+			return true;
+	return false;
+}
+
+/*
+ * crmpay_record_payment_facts
+ *		Records facts that only grow about a locked payment whose status does
+ *		not move: its gateway payment ref (NULL: none) if it had none, and
+ *		the refunded total (-1: none) if larger.  True if anything changed.
+ *		The caller must be connected to SPI.
+ */
+bool
+crmpay_record_payment_facts(int64 payment_id, const char *gateway_payment_ref,
+							int64 refunded_minor)
+{
+	Datum		values[3];
+	char		nulls[3] = {' ', ' ', ' '};
+	int			rc;
+
+	if (gateway_payment_ref == NULL && refunded_minor <= 0)
+		return false;
+	values[0] = Int64GetDatum(payment_id);
+	values[1] = crmpay_text_param(gateway_payment_ref, &nulls[1]);
+	values[2] = Int64GetDatum(refunded_minor);
+	nulls[2] = refunded_minor >= 0 ? ' ' : 'n';
+	rc = SPI_execute_plan(state_plan(PLAN_FACTS), values, nulls, false, 0);
+	if (rc != SPI_OK_UPDATE)
+		elog(ERROR, "crmpay: payment facts update failed: %s", SPI_result_code_string(rc));
+	return SPI_processed > 0;
 }
 
 /*
@@ -93,34 +211,23 @@ crmpay_apply_status_locked(int64 payment_id, const char *current_status,
 {
 	Datum		values[5];
 	char		nulls[5] = {' ', ' ', ' ', ' ', ' '};
-	bool		moved = false;
 	int			rc;
 
+	if (!crmpay_transition_allowed(current_status, new_status))
+	{
+		crmpay_record_payment_facts(payment_id, gateway_payment_ref, refunded_minor);
+		return false;
+	}
 	values[0] = Int64GetDatum(payment_id);
-	if (strcmp(current_status, new_status) != 0)
-	{
-		values[1] = CStringGetTextDatum(new_status);
-		values[2] = gateway_payment_ref ? CStringGetTextDatum(gateway_payment_ref) : (Datum) 0;
-		nulls[2] = gateway_payment_ref ? ' ' : 'n';
-		values[3] = Int64GetDatum(refunded_minor);
-		nulls[3] = refunded_minor >= 0 ? ' ' : 'n';
-		values[4] = TimestampTzGetDatum(at);
-		rc = SPI_execute_plan(state_plan(PLAN_MOVE), values, nulls, false, 0);
-		if (rc != SPI_OK_UPDATE)
-			elog(ERROR, "crmpay: status update failed: %s", SPI_result_code_string(rc));
-		moved = (SPI_processed == 1);
-	}
-	if (!moved && (gateway_payment_ref != NULL || refunded_minor > 0))
-	{
-		values[1] = gateway_payment_ref ? CStringGetTextDatum(gateway_payment_ref) : (Datum) 0;
-		nulls[1] = gateway_payment_ref ? ' ' : 'n';
-		values[2] = Int64GetDatum(refunded_minor);
-		nulls[2] = refunded_minor >= 0 ? ' ' : 'n';
-		rc = SPI_execute_plan(state_plan(PLAN_FACTS), values, nulls, false, 0);
-		if (rc != SPI_OK_UPDATE)
-			elog(ERROR, "crmpay: payment facts update failed: %s", SPI_result_code_string(rc));
-	}
-	return moved;
+	values[1] = CStringGetTextDatum(new_status);
+	values[2] = crmpay_text_param(gateway_payment_ref, &nulls[2]);
+	values[3] = Int64GetDatum(refunded_minor);
+	nulls[3] = refunded_minor >= 0 ? ' ' : 'n';
+	values[4] = TimestampTzGetDatum(at);
+	rc = SPI_execute_plan(state_plan(PLAN_MOVE), values, nulls, false, 0);
+	if (rc != SPI_OK_UPDATE)
+		elog(ERROR, "crmpay: status update failed: %s", SPI_result_code_string(rc));
+	return SPI_processed == 1;
 }
 
 /*
@@ -178,6 +285,64 @@ crmpay_apply_status_sql(PG_FUNCTION_ARGS)
 	if (old_status == NULL)
 		PG_RETURN_NULL();
 	PG_RETURN_TEXT_P(cstring_to_text(old_status));
+}
+
+PG_FUNCTION_INFO_V1(crmpay_keep_payment_ref);
+
+/*
+ * crmpay._keep_payment_ref() AFTER INSERT OR UPDATE OF gateway_payment_ref
+ * row trigger on crmpay.payments
+ *		Keeps crmpay.payment_refs, the lookup of payments by the gateway's
+ *		payment id, in step with the column, whoever writes it (the state
+ *		machine, or a shop inserting its Braintree payments).  A mapping
+ *		left behind by a changed or deleted payment is harmless: lookups
+ *		check it against the payment.
+ */
+Datum
+crmpay_keep_payment_ref(PG_FUNCTION_ARGS)
+{
+	TriggerData *trigdata = (TriggerData *) fcinfo->context;
+	TupleDesc	desc;
+	HeapTuple	new_tuple;
+	int			ref_attnum;
+	bool		isnull;
+	Datum		ref;
+	Datum		values[3];
+	int			rc;
+
+	if (!CALLED_AS_TRIGGER(fcinfo) || !TRIGGER_FIRED_AFTER(trigdata->tg_event) ||
+		!TRIGGER_FIRED_FOR_ROW(trigdata->tg_event))
+		elog(ERROR, "crmpay: _keep_payment_ref must be an AFTER row trigger");
+	desc = trigdata->tg_relation->rd_att;
+	new_tuple = TRIGGER_FIRED_BY_UPDATE(trigdata->tg_event) ? trigdata->tg_newtuple
+		: trigdata->tg_trigtuple;
+	ref_attnum = SPI_fnumber(desc, "gateway_payment_ref");
+	if (ref_attnum <= 0)
+		elog(ERROR, "crmpay: payments has no column gateway_payment_ref");
+	ref = heap_getattr(new_tuple, ref_attnum, desc, &isnull);
+	if (isnull)
+		return PointerGetDatum(NULL);
+	if (TRIGGER_FIRED_BY_UPDATE(trigdata->tg_event))
+	{
+		bool		old_isnull;
+		Datum		old_ref = heap_getattr(trigdata->tg_trigtuple, ref_attnum, desc, &old_isnull);
+
+		/* the state machine's UPDATE names the column; most often it stays */
+		if (!old_isnull && datumIsEqual(old_ref, ref, false, -1))
+			return PointerGetDatum(NULL);
+	}
+
+	values[0] = heap_getattr(new_tuple, SPI_fnumber(desc, "account"), desc, &isnull);
+	values[1] = ref;
+	values[2] = heap_getattr(new_tuple, SPI_fnumber(desc, "id"), desc, &isnull);
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "crmpay: SPI_connect failed");
+	rc = SPI_execute_plan(state_plan(PLAN_KEEP_REF), values, NULL, false, 0);
+	if (rc != SPI_OK_INSERT)
+		elog(ERROR, "crmpay: could not record the payment's gateway reference: %s",
+			 SPI_result_code_string(rc));
+	SPI_finish();
+	return PointerGetDatum(NULL);
 }
 
 /* The text of a column of a trigger tuple, or NULL. */

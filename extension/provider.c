@@ -82,7 +82,7 @@ require_operation(const CrmpayProvider *provider, const void *operation,
 /*
  * Opened accounts are cached per backend: webhook intake and link creation
  * would otherwise read and decrypt the account on every call.  A statement
- * trigger on crmpay.gateway_accounts (crmpay._accounts_changed) sends a
+ * trigger on crmpay.gateway_accounts (crmpay._cached_table_changed) sends a
  * relcache invalidation for the table on every change; every backend then
  * drops its cache (wiping the secrets) when it processes the invalidation,
  * at the latest at its next transaction start.
@@ -255,19 +255,20 @@ crmpay_load_account(const char *name, bool missing_ok)
 	return NULL;
 }
 
-PG_FUNCTION_INFO_V1(crmpay_accounts_changed);
+PG_FUNCTION_INFO_V1(crmpay_cached_table_changed);
 
 /*
- * crmpay._accounts_changed() statement trigger on crmpay.gateway_accounts:
- * tells every backend (at commit) to drop its cached accounts.
+ * crmpay._cached_table_changed() statement trigger on the tables backends
+ * cache (crmpay.gateway_accounts, crmpay.status_transitions): tells every
+ * backend (at commit) to drop its cached copy.
  */
 Datum
-crmpay_accounts_changed(PG_FUNCTION_ARGS)
+crmpay_cached_table_changed(PG_FUNCTION_ARGS)
 {
 	TriggerData *trigdata = (TriggerData *) fcinfo->context;
 
 	if (!CALLED_AS_TRIGGER(fcinfo))
-		elog(ERROR, "crmpay: _accounts_changed must be called as a trigger");
+		elog(ERROR, "crmpay: _cached_table_changed must be called as a trigger");
 	CacheInvalidateRelcache(trigdata->tg_relation);
 	return PointerGetDatum(NULL);
 }

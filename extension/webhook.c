@@ -156,8 +156,11 @@ check_delivery(const char *name, Datum headers_jsonb, bool headers_null,
 enum
 {
 	PLAN_INSERT_EVENT,
+	PLAN_MOVE_AND_INSERT_EVENT,
 	PLAN_FIND_PAYMENT,
+	PLAN_EVENT_APPLIED,
 	PLAN_QUEUE_CAPTURE,
+	PLAN_NOTE_REJECTED,
 	NUM_PLANS
 };
 
@@ -170,7 +173,7 @@ intake_plan(int which)
 	{
 		const char *sql;
 		int			nargs;
-		Oid			types[13];
+		Oid			types[18];
 	}			defs[NUM_PLANS] = {
 		[PLAN_INSERT_EVENT] = {
 			"INSERT INTO crmpay.events (account, provider, event_key, event_type, payment_id, outcome,"
@@ -180,21 +183,46 @@ intake_plan(int which)
 			INT4OID, JSONBOID, TEXTOID, TEXTOID}
 		},
 		/*
+		 * An event that moves its payment: the state machine's UPDATE
+		 * ($1-$5, payments.c) and the event's row ($6-$18) in one statement.
+		 */
+		[PLAN_MOVE_AND_INSERT_EVENT] = {
+			"WITH moved AS (" CRMPAY_PAYMENT_MOVE_SQL ")"
+			" INSERT INTO crmpay.events (account, provider, event_key, event_type, payment_id, outcome,"
+			" reason, old_status, new_status, http_status, headers, body, follow_up)"
+			" VALUES ($6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)",
+			18, {INT8OID, TEXTOID, TEXTOID, INT8OID, TIMESTAMPTZOID,
+				TEXTOID, TEXTOID, TEXTOID, TEXTOID, INT8OID, TEXTOID, TEXTOID, TEXTOID, TEXTOID,
+			INT4OID, JSONBOID, TEXTOID, TEXTOID}
+		},
+		/*
 		 * Was this event applied already, and which payment is it about (by
 		 * the gateway's link id, then its payment id, then our order ref)?
 		 * The payment row is locked, so the state machine decides on its
-		 * latest status.
+		 * latest status.  Each lookup is one index probe (the gateway's
+		 * payment id through payment_refs, checked against the payment), and
+		 * coalesce stops at the first that finds the payment.  No row when
+		 * no payment matches (PLAN_EVENT_APPLIED then dedupes).
 		 */
 		[PLAN_FIND_PAYMENT] = {
-			"SELECT a.applied, p.id, p.status, p.amount_minor, p.currency, p.refunded_minor"
-			"  FROM (SELECT EXISTS (SELECT 1 FROM crmpay.events e WHERE e.account = $1"
-			"                          AND e.event_key = $5 AND e.outcome = 'applied') AS applied) a"
-			"  LEFT JOIN LATERAL ("
-			"        SELECT id, status, amount_minor, currency, refunded_minor FROM crmpay.payments"
-			"         WHERE account = $1 AND (gateway_ref = $2 OR gateway_payment_ref = $3 OR order_ref = $4)"
-			"         ORDER BY CASE WHEN gateway_ref = $2 THEN 1 WHEN gateway_payment_ref = $3 THEN 2 ELSE 3 END"
-			"         LIMIT 1 FOR UPDATE) p ON true",
+			"SELECT EXISTS (SELECT 1 FROM crmpay.events e WHERE e.account = $1"
+			"                 AND e.event_key = $5 AND e.outcome = 'applied') AS applied,"
+			"       p.id, p.status, p.amount_minor, p.currency, p.refunded_minor"
+			"  FROM crmpay.payments p"
+			" WHERE p.id = coalesce("
+			"         (SELECT id FROM crmpay.payments WHERE account = $1 AND gateway_ref = $2 LIMIT 1),"
+			"         (SELECT r.payment_id FROM crmpay.payment_refs r"
+			"            JOIN crmpay.payments q ON q.id = r.payment_id AND q.gateway_payment_ref = r.gateway_payment_ref"
+			"           WHERE r.account = $1 AND r.gateway_payment_ref = $3),"
+			"         (SELECT id FROM crmpay.payments WHERE account = $1 AND order_ref = $4))"
+			"   FOR UPDATE OF p",
 			5, {TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID}
+		},
+		/* the dedupe alone, for an event whose payment is not found */
+		[PLAN_EVENT_APPLIED] = {
+			"SELECT EXISTS (SELECT 1 FROM crmpay.events e WHERE e.account = $1"
+			"                 AND e.event_key = $2 AND e.outcome = 'applied')",
+			2, {TEXTOID, TEXTOID}
 		},
 		/*
 		 * The capture job an approved order makes due: at most one queued or
@@ -207,6 +235,11 @@ intake_plan(int which)
 			"  WHERE NOT EXISTS (SELECT 1 FROM crmpay.jobs j WHERE j.payment_id = $2"
 			"                       AND j.kind = 'capture' AND j.state IN ('queued', 'running'))",
 			3, {TEXTOID, INT8OID, TEXTOID}
+		},
+		/* the alert on a burst of rejected deliveries (80_outbox.sql) */
+		[PLAN_NOTE_REJECTED] = {
+			"SELECT crmpay._webhook_rejected($1, $2)",
+			2, {TEXTOID, TEXTOID}
 		},
 	};
 
@@ -223,16 +256,46 @@ spi_run(int which, Datum *values, const char *nulls, int expected)
 		elog(ERROR, "crmpay: intake statement %d failed: %s", which, SPI_result_code_string(rc));
 }
 
-/* Records one delivery or event in crmpay.events. */
+/*
+ * A status move decided by apply_event, written together with the event's
+ * row (PLAN_MOVE_AND_INSERT_EVENT).
+ */
+typedef struct PaymentMove
+{
+	int64		payment_id;		/* 0: no move */
+	const char *new_status;
+	const char *gateway_payment_ref;
+	int64		refunded_minor; /* -1: none */
+} PaymentMove;
+
+/*
+ * record_event
+ *		Records one delivery or event in crmpay.events; with a move, moves the
+ *		payment in the same statement.
+ */
 static void
 record_event(const char *account, const char *provider, const CrmpayWebhookEvent *event,
 			 int64 payment_id, const char *outcome, const char *reason,
 			 const char *old_status, const char *new_status, int http_status,
-			 Datum headers, bool headers_null, text *body)
+			 Datum headers, bool headers_null, text *body, const PaymentMove *move)
 {
-	Datum		values[13];
-	char		nulls[13];
+	Datum		all_values[18];
+	char		all_nulls[18];
+	int			first = (move != NULL) ? 5 : 0;
+	Datum	   *values = all_values + first;
+	char	   *nulls = all_nulls + first;
 
+	if (move != NULL)
+	{
+		all_values[0] = Int64GetDatum(move->payment_id);
+		all_nulls[0] = ' ';
+		all_values[1] = crmpay_text_param(move->new_status, &all_nulls[1]);
+		all_values[2] = crmpay_text_param(move->gateway_payment_ref, &all_nulls[2]);
+		all_values[3] = Int64GetDatum(move->refunded_minor);
+		all_nulls[3] = move->refunded_minor >= 0 ? ' ' : 'n';
+		all_values[4] = TimestampTzGetDatum(GetCurrentTransactionStartTimestamp());
+		all_nulls[4] = ' ';
+	}
 	values[0] = crmpay_text_param(account, &nulls[0]);
 	values[1] = crmpay_text_param(provider, &nulls[1]);
 	values[2] = crmpay_text_param(event ? event->event_key : NULL, &nulls[2]);
@@ -252,25 +315,37 @@ record_event(const char *account, const char *provider, const CrmpayWebhookEvent
 	/* a follow-up (e.g. PayPal's capture) is due only when the event moved the payment */
 	values[12] = crmpay_text_param(event && outcome && strcmp(outcome, "applied") == 0
 							  ? event->follow_up : NULL, &nulls[12]);
-	spi_run(PLAN_INSERT_EVENT, values, nulls, SPI_OK_INSERT);
+	spi_run(move != NULL ? PLAN_MOVE_AND_INSERT_EVENT : PLAN_INSERT_EVENT,
+			all_values, all_nulls, SPI_OK_INSERT);
+	if (strcmp(outcome, "rejected") == 0)
+	{
+		values[1] = values[6];	/* (account, reason) */
+		nulls[1] = nulls[6];
+		spi_run(PLAN_NOTE_REJECTED, values, nulls, SPI_OK_SELECT);
+	}
 }
 
 /*
  * apply_event
- *		Dedupes and applies one authentic event; returns its outcome and
- *		fills *reason, *payment_id and the status change (*old_status and
- *		*new_status are set when the payment moved).
+ *		Dedupes one authentic event and decides what it does to its payment
+ *		(locked here); returns its outcome and fills *reason, *payment_id
+ *		and the status change (*old_status and *new_status are set when the
+ *		payment moves, and *move says how: the caller writes the move with
+ *		the event's row).  Facts without a move are written here.
  */
 static const char *
 apply_event(const char *account, const CrmpayWebhookEvent *event, const char **reason,
-			int64 *payment_id, char **old_status, const char **new_status)
+			int64 *payment_id, char **old_status, const char **new_status,
+			PaymentMove *move)
 {
 	Datum		values[5];
 	char		nulls[5];
 	char	   *lock_key;
 	bool		isnull;
-	HeapTuple	row;
-	TupleDesc	desc;
+	bool		found;
+	bool		applied;
+	HeapTuple	row = NULL;
+	TupleDesc	desc = NULL;
 	char	   *status;
 	int64		amount;
 	char	   *currency;
@@ -281,6 +356,7 @@ apply_event(const char *account, const CrmpayWebhookEvent *event, const char **r
 	*payment_id = 0;
 	*old_status = NULL;
 	*new_status = NULL;
+	move->payment_id = 0;
 
 	if (event->event_key == NULL)
 	{
@@ -302,10 +378,22 @@ apply_event(const char *account, const CrmpayWebhookEvent *event, const char **r
 	values[4] = CStringGetTextDatum(event->event_key);
 	nulls[4] = ' ';
 	spi_run(PLAN_FIND_PAYMENT, values, nulls, SPI_OK_SELECT);
-	row = SPI_tuptable->vals[0];
-	desc = SPI_tuptable->tupdesc;
+	found = (SPI_processed > 0);
+	if (found)
+	{
+		row = SPI_tuptable->vals[0];
+		desc = SPI_tuptable->tupdesc;
+		applied = DatumGetBool(SPI_getbinval(row, desc, 1, &isnull));
+	}
+	else
+	{
+		values[1] = values[4];	/* (account, event key) */
+		nulls[1] = nulls[4];
+		spi_run(PLAN_EVENT_APPLIED, values, nulls, SPI_OK_SELECT);
+		applied = DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+	}
 
-	if (DatumGetBool(SPI_getbinval(row, desc, 1, &isnull)))
+	if (applied)
 	{
 		*reason = "event already applied";
 		return "duplicate";
@@ -320,13 +408,12 @@ apply_event(const char *account, const CrmpayWebhookEvent *event, const char **r
 		*reason = psprintf("event type %s does not change payments", event->event_type);
 		return "ignored";
 	}
-	*payment_id = DatumGetInt64(SPI_getbinval(row, desc, 2, &isnull));
-	if (isnull)
+	if (!found)
 	{
-		*payment_id = 0;
 		*reason = "no matching payment";
 		return "ignored";
 	}
+	*payment_id = DatumGetInt64(SPI_getbinval(row, desc, 2, &isnull));
 	status = SPI_getvalue(row, desc, 3);
 	amount = DatumGetInt64(SPI_getbinval(row, desc, 4, &isnull));
 	currency = SPI_getvalue(row, desc, 5);
@@ -365,30 +452,30 @@ apply_event(const char *account, const CrmpayWebhookEvent *event, const char **r
 		}
 		refunded_total = Min(amount, refunded + Min(event->refund_minor, amount));
 		target = refunded_total >= amount ? "refunded" : "partially_refunded";
-		if (crmpay_apply_status_locked(*payment_id, status, target, event->gateway_payment_ref,
-									   refunded_total, GetCurrentTransactionStartTimestamp()))
+		if (!crmpay_transition_allowed(status, target))
 		{
-			*old_status = status;
-			*new_status = target;
-		}
-		else
+			crmpay_record_payment_facts(*payment_id, event->gateway_payment_ref, refunded_total);
 			*reason = psprintf("refund recorded (" INT64_FORMAT " of " INT64_FORMAT " %s refunded); payment stays %s",
 							   refunded_total, amount, currency, status);
-		return "applied";
+			return "applied";
+		}
+	}
+	else if (!crmpay_transition_allowed(status, target))
+	{
+		crmpay_record_payment_facts(*payment_id, event->gateway_payment_ref, refunded_total);
+		*reason = strcmp(status, target) == 0
+			? psprintf("payment is already %s", status)
+			: psprintf("payment is %s; %s would not move it forward", status, target);
+		return "ignored";
 	}
 
-	if (crmpay_apply_status_locked(*payment_id, status, target,
-								   event->gateway_payment_ref, refunded_total,
-								   GetCurrentTransactionStartTimestamp()))
-	{
-		*old_status = status;
-		*new_status = target;
-		return "applied";
-	}
-	*reason = strcmp(status, target) == 0
-		? psprintf("payment is already %s", status)
-		: psprintf("payment is %s; %s would not move it forward", status, target);
-	return "ignored";
+	move->payment_id = *payment_id;
+	move->new_status = target;
+	move->gateway_payment_ref = event->gateway_payment_ref;
+	move->refunded_minor = refunded_total;
+	*old_status = status;
+	*new_status = target;
+	return "applied";
 }
 
 /*
@@ -457,7 +544,8 @@ crmpay_receive_webhook(PG_FUNCTION_ARGS)
 	if (!verdict.valid)
 	{
 		record_event(account ? account : "", verdict.provider, NULL, 0, "rejected",
-					 verdict.reason, NULL, NULL, verdict.http_status, headers, headers_null, body);
+					 verdict.reason, NULL, NULL, verdict.http_status, headers, headers_null, body,
+					 NULL);
 		emit_row(rsinfo, verdict.http_status, verdict.reason, "rejected", NULL);
 	}
 	else
@@ -470,6 +558,7 @@ crmpay_receive_webhook(PG_FUNCTION_ARGS)
 			char	   *old_status = NULL;
 			const char *new_status = NULL;
 			const char *outcome;
+			PaymentMove move = {0};
 
 			/* an item of a batch that failed its own check is never applied */
 			if (event->rejected_reason != NULL)
@@ -480,13 +569,14 @@ crmpay_receive_webhook(PG_FUNCTION_ARGS)
 			else
 			{
 				outcome = apply_event(account, event, &reason, &payment_id,
-									  &old_status, &new_status);
+									  &old_status, &new_status, &move);
 				if (strcmp(outcome, "applied") == 0 && event->follow_up != NULL)
 					queue_follow_up(account, event, payment_id);
 			}
 
 			record_event(account, verdict.provider, event, payment_id, outcome, reason,
-						 old_status, new_status, 200, headers, headers_null, body);
+						 old_status, new_status, 200, headers, headers_null, body,
+						 move.payment_id > 0 ? &move : NULL);
 			emit_row(rsinfo, 200, verdict.ack ? verdict.ack : "", outcome, event->event_key);
 		}
 	}

@@ -166,3 +166,39 @@ SELECT event_key, outcome, old_status, new_status, reason
   FROM crmpay.events WHERE account = 'shop' AND event_key IS NOT NULL ORDER BY id;
 SELECT http_status, reason, body IS NOT NULL AS body_kept
   FROM crmpay.events WHERE outcome = 'rejected' ORDER BY id;
+
+-- The state machine's edges are data, cached per backend: a change applies
+-- at once, and a rolled-back change is forgotten.
+INSERT INTO crmpay.payments (account, order_ref, amount_minor, currency, status, gateway_ref, idempotency_key)
+VALUES ('shop', 'W-5', 300, 'EUR', 'open', 'cs_test_w5', crmpay.idempotency_key('shop', 'W-5'));
+BEGIN;
+DELETE FROM crmpay.status_transitions WHERE from_status = 'open' AND to_status = 'paid';
+SELECT outcome, event_id FROM pg_temp.deliver(pg_temp.evt('evt_70', 'checkout.session.completed',
+    '{"id": "cs_test_w5", "payment_status": "paid", "payment_intent": "pi_w5", "amount_total": 300, "currency": "eur"}'));
+SELECT reason FROM crmpay.events WHERE event_key = 'evt_70';
+ROLLBACK;
+SELECT outcome, event_id FROM pg_temp.deliver(pg_temp.evt('evt_70', 'checkout.session.completed',
+    '{"id": "cs_test_w5", "payment_status": "paid", "payment_intent": "pi_w5", "amount_total": 300, "currency": "eur"}'));
+
+-- Payments are found by the gateway's payment id through payment_refs,
+-- whoever wrote it (here a shop inserting its own payment, as for
+-- Braintree); a changed id is found by its new value only.
+INSERT INTO crmpay.payments (account, order_ref, amount_minor, currency, status, gateway_payment_ref, idempotency_key)
+VALUES ('shop', 'W-6', 300, 'EUR', 'open', 'pi_w6', crmpay.idempotency_key('shop', 'W-6'));
+SELECT outcome FROM pg_temp.deliver(pg_temp.evt('evt_80', 'payment_intent.succeeded',
+    '{"id": "pi_w6", "object": "payment_intent", "amount_received": 300, "currency": "eur"}'));
+UPDATE crmpay.payments SET gateway_payment_ref = 'pi_w6b' WHERE account = 'shop' AND order_ref = 'W-6';
+SELECT outcome FROM pg_temp.deliver(pg_temp.evt('evt_81', 'charge.refunded',
+    '{"id": "ch_w6", "object": "charge", "payment_intent": "pi_w6", "amount": 300, "amount_refunded": 300}'));
+SELECT reason FROM crmpay.events WHERE event_key = 'evt_81';
+SELECT outcome FROM pg_temp.deliver(pg_temp.evt('evt_82', 'charge.refunded',
+    '{"id": "ch_w6", "object": "charge", "payment_intent": "pi_w6b", "amount": 300, "amount_refunded": 300}'));
+SELECT order_ref, status, gateway_payment_ref FROM crmpay.payments
+ WHERE account = 'shop' AND order_ref IN ('W-5', 'W-6') ORDER BY order_ref;
+SELECT r.gateway_payment_ref, p.order_ref FROM crmpay.payment_refs r JOIN crmpay.payments p ON p.id = r.payment_id
+ WHERE r.account = 'shop' ORDER BY 1;
+
+-- statuses and outcomes outside the lists are refused, whoever writes them
+UPDATE crmpay.payments SET status = 'settled' WHERE account = 'shop' AND order_ref = 'W-5';
+UPDATE crmpay.payments SET amount_minor = 0 WHERE account = 'shop' AND order_ref = 'W-5';
+INSERT INTO crmpay.events (account, outcome, http_status) VALUES ('shop', 'accepted', 200);

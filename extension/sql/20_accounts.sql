@@ -16,11 +16,11 @@ COMMENT ON TABLE crmpay.gateway_accounts IS
     'Gateway accounts; credentials and webhook_secret are encrypted. Read crmpay.accounts instead.';
 
 -- every change tells all backends to drop their cached, opened accounts
-CREATE FUNCTION crmpay._accounts_changed() RETURNS trigger
-    LANGUAGE c AS 'MODULE_PATHNAME', 'crmpay_accounts_changed';
+CREATE FUNCTION crmpay._cached_table_changed() RETURNS trigger
+    LANGUAGE c AS 'MODULE_PATHNAME', 'crmpay_cached_table_changed';
 CREATE TRIGGER accounts_changed
     AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON crmpay.gateway_accounts
-    FOR EACH STATEMENT EXECUTE FUNCTION crmpay._accounts_changed();
+    FOR EACH STATEMENT EXECUTE FUNCTION crmpay._cached_table_changed();
 
 CREATE VIEW crmpay.accounts AS
     SELECT name, provider, settings,

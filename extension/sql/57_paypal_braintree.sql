@@ -41,7 +41,8 @@ CREATE TRIGGER accounts_drop_oauth_token
  * order).  Set only on 'applied' events; receive_webhook queues the job
  * that makes the call (crmpay.jobs, kind 'capture') in the same transaction.
  */
-ALTER TABLE crmpay.events ADD COLUMN follow_up text CHECK (follow_up IN ('capture'));
+CREATE DOMAIN crmpay.event_follow_up AS text CHECK (VALUE IN ('capture'));
+ALTER TABLE crmpay.events ADD COLUMN follow_up crmpay.event_follow_up;
 CREATE INDEX events_follow_up ON crmpay.events (id) WHERE follow_up IS NOT NULL;
 
 /*

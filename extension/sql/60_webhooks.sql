@@ -2,6 +2,12 @@
 -- The state machine and webhook intake
 -- ---------------------------------------------------------------------
 
+-- backends cache the state machine's edges (extension/payments.c); every
+-- change to them tells all backends to read them again
+CREATE TRIGGER status_transitions_changed
+    AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON crmpay.status_transitions
+    FOR EACH STATEMENT EXECUTE FUNCTION crmpay._cached_table_changed();
+
 /*
  * _apply_status: moves a payment to new_status if crmpay.status_transitions
  * allows it, after locking its row (extension/payments.c).  Also records

@@ -155,8 +155,11 @@ CREATE TRIGGER alerts_notify AFTER INSERT ON crmpay.alerts
  * _webhook_rejected: raises a 'webhooks_rejected' alert when more than
  * crmpay.alert_rejected_webhooks deliveries for an existing account were
  * rejected within crmpay.alert_window (once per window and account).
+ * receive_webhook calls it after recording a rejected delivery (the only
+ * writer of rejected events): a trigger on crmpay.events would cost every
+ * accepted delivery too.
  */
-CREATE FUNCTION crmpay._webhook_rejected() RETURNS trigger
+CREATE FUNCTION crmpay._webhook_rejected(rejected_account text, last_reason text) RETURNS void
     LANGUAGE plpgsql
     SET search_path = pg_catalog, pg_temp
 AS $$
@@ -166,30 +169,27 @@ DECLARE
     v_count bigint;
 BEGIN
     IF v_threshold <= 0
-       OR NOT EXISTS (SELECT FROM crmpay.gateway_accounts a WHERE a.name = NEW.account) THEN
-        RETURN NULL;
+       OR NOT EXISTS (SELECT FROM crmpay.gateway_accounts a WHERE a.name = rejected_account) THEN
+        RETURN;
     END IF;
-    PERFORM pg_advisory_xact_lock(hashtextextended('crmpay/alert' || chr(31) || NEW.account, 0));
+    PERFORM pg_advisory_xact_lock(hashtextextended('crmpay/alert' || chr(31) || rejected_account, 0));
     IF EXISTS (SELECT FROM crmpay.alerts al
-                WHERE al.account = NEW.account AND al.kind = 'webhooks_rejected'
+                WHERE al.account = rejected_account AND al.kind = 'webhooks_rejected'
                   AND al.created_at > now() - v_window) THEN
-        RETURN NULL;
+        RETURN;
     END IF;
     SELECT count(*) INTO v_count FROM crmpay.events e
-     WHERE e.account = NEW.account AND e.outcome = 'rejected' AND e.received_at > now() - v_window;
+     WHERE e.account = rejected_account AND e.outcome = 'rejected' AND e.received_at > now() - v_window;
     IF v_count > v_threshold THEN
         INSERT INTO crmpay.alerts (kind, account, message, details)
-        VALUES ('webhooks_rejected', NEW.account,
+        VALUES ('webhooks_rejected', rejected_account,
                 format('%s webhook deliveries for account "%s" were rejected within %s (last reason: %s)',
-                       v_count, NEW.account, v_window, NEW.reason),
+                       v_count, rejected_account, v_window, last_reason),
                 jsonb_build_object('rejected', v_count, 'window', v_window::text,
-                                   'threshold', v_threshold, 'last_reason', NEW.reason));
+                                   'threshold', v_threshold, 'last_reason', last_reason));
     END IF;
-    RETURN NULL;
 END
 $$;
-CREATE TRIGGER events_rejected_alert AFTER INSERT ON crmpay.events
-    FOR EACH ROW WHEN (NEW.outcome = 'rejected') EXECUTE FUNCTION crmpay._webhook_rejected();
 
 -- ---------------------------------------------------------------------
 -- Requesting links
@@ -896,14 +896,13 @@ $$;
  */
 CREATE FUNCTION crmpay._sync_order() RETURNS trigger
     LANGUAGE c SECURITY DEFINER AS 'MODULE_PATHNAME', 'crmpay_sync_order';
+-- No WHEN clause: a trigger's WHEN is parsed and planned again by every
+-- statement, which costs more than the call; _sync_order returns at once for
+-- a payment without an order table and writes only the columns that changed.
 CREATE TRIGGER payments_sync_order_insert AFTER INSERT ON crmpay.payments
-    FOR EACH ROW WHEN (NEW.order_table IS NOT NULL)
-    EXECUTE FUNCTION crmpay._sync_order();
+    FOR EACH ROW EXECUTE FUNCTION crmpay._sync_order();
 CREATE TRIGGER payments_sync_order_update AFTER UPDATE OF status, url, order_table ON crmpay.payments
-    FOR EACH ROW WHEN (NEW.order_table IS NOT NULL
-                       AND (NEW.status IS DISTINCT FROM OLD.status OR NEW.url IS DISTINCT FROM OLD.url
-                            OR NEW.order_table IS DISTINCT FROM OLD.order_table))
-    EXECUTE FUNCTION crmpay._sync_order();
+    FOR EACH ROW EXECUTE FUNCTION crmpay._sync_order();
 
 -- ---------------------------------------------------------------------
 -- Privileges of this part (99_privileges.sql revokes PUBLIC's)
