@@ -347,7 +347,10 @@ typedef struct CrmpayProvider
 	 * pending in the CRM or that no other source reported.  build returns
 	 * false when there is nothing to ask for this order (no gateway
 	 * reference yet).  A 404, or a 2xx answer for an order the gateway does
-	 * not know, gives no records.
+	 * not know, gives no records.  parse returns false + *failure when the
+	 * answer is unreadable (kind left NONE: the driver makes it
+	 * BAD_RESPONSE) or is an error of the gateway's (kind set by parse).
+	 * parse must not touch the database.
 	 */
 	bool		(*build_query_order) (const struct CrmpayAccount *account,
 									  const CrmpayOrderQuery *order,

@@ -681,8 +681,12 @@ driver_absorb(const RunInfo *run, const CrmpayAccount *account, DriverState *st,
 		ok = provider->parse_query_order(account, req->order, response, &records, failure);
 	if (!ok)
 	{
-		failure->kind = CRMPAY_FAIL_BAD_RESPONSE;
-		failure->retryable = true;
+		/* an unreadable answer, unless the provider read an error in it */
+		if (failure->kind == CRMPAY_FAIL_NONE)
+		{
+			failure->kind = CRMPAY_FAIL_BAD_RESPONSE;
+			failure->retryable = true;
+		}
 		failure->http_status = (int) response->status;
 		return false;
 	}

@@ -3,7 +3,8 @@
  * redsys.c
  *	  The Redsys provider (Spain's card switch, "TPV Virtual"): the signed
  *	  redirect form, pay-by-link ("Paygold") through the REST endpoint, the
- *	  HMAC_SHA256_V1 signature both ways, and notification intake.
+ *	  HMAC_SHA256_V1 signature both ways, notification intake, and the
+ *	  per-order status query reconciliation uses.
  *
  *	  Wire format (pagosonline.redsys.es, the official apiRedsys examples;
  *	  see shared/reference/gateways.md section 5):
@@ -27,6 +28,9 @@
  *		refund/confirmation accepted, 0400 cancellation accepted, anything
  *		else denied.  No event id and no timestamp in the signature: the
  *		dedupe key is made of the notification's own fields.
+ *	  - Reconciliation: a signed SOAP status query ("Consulta", Monitor
+ *		message) per order, {api_base}/apl02/services/SerClsWSConsulta; see
+ *		the section "Status queries" below for its sources.
  *
  *	  Redsys has no idempotency key: the order number (Ds_Order, 4-12
  *	  characters, the first 4 digits, unique per merchant) plays that part.
@@ -49,7 +53,9 @@
 #include "fmgr.h"
 #include "funcapi.h"
 #include "mb/pg_wchar.h"
+#include "pgtime.h"
 #include "utils/builtins.h"
+#include "utils/datetime.h"
 #include "utils/fmgrprotos.h"
 
 #include "codec.h"
@@ -1061,17 +1067,29 @@ redsys_parse_create_link(const CrmpayAccount *account, const CrmpayHttpResponse 
 	return true;
 }
 
+static char *redsys_soap_return(const char *body, size_t len, const char **reason);
+
+/*
+ * An HTTP error: a REST {"errorCode"}, or a SOAP fault from the status
+ * query (its faultstring), keeping the HTTP classification.
+ */
 static void
 redsys_parse_error(const CrmpayHttpResponse *response, CrmpayGatewayFailure *failure)
 {
 	const char *error;
 	CrmpayJson *root = crmpay_json_parse(response->body, response->body_len, &error);
 	CrmpayFailureKind kind = failure->kind;
+	const char *reason = NULL;
 
 	/* keep the HTTP classification (5xx stays retryable) */
-	if (redsys_error_code(root, failure) && (kind == CRMPAY_FAIL_UNAVAILABLE ||
-											 kind == CRMPAY_FAIL_RATE_LIMITED))
-		failure->kind = kind;
+	if (redsys_error_code(root, failure))
+	{
+		if (kind == CRMPAY_FAIL_UNAVAILABLE || kind == CRMPAY_FAIL_RATE_LIMITED)
+			failure->kind = kind;
+	}
+	else if (root == NULL && redsys_soap_return(response->body, response->body_len, &reason) == NULL &&
+			 reason != NULL && strncmp(reason, "SOAP fault", 10) == 0)
+		failure->message = pstrdup(reason);
 }
 
 /*
@@ -1235,6 +1253,983 @@ redsys_parse_webhook(const CrmpayHeaders *headers, const char *body, size_t body
 	return list_make1(event);
 }
 
+/* ----------------------------------------------------------------
+ * Status queries for reconciliation: the SOAP "Consulta" service
+ * ----------------------------------------------------------------
+ *
+ * Wire format, from Redsys' manual "TPV-Virtual Consulta SOAP" (RS.TE.CEL.
+ * MAN.0021 v1.4, 13/08/2020; a copy is in the public repository
+ * Metadrop/redsys-query-php), whose worked examples crmpay's tests
+ * reproduce byte for byte (tests/test_redsys_reconcile.py):
+ * - POST {api_base}/apl02/services/SerClsWSConsulta (test environment
+ *	 https://sis-t.redsys.es:25443, live https://sis.redsys.es), a SOAP
+ *	 call of consultaOperaciones whose one argument, cadenaXML, is the
+ *	 message <Messages><Version Ds_Version="0.0"><Message><Monitor>
+ *	 <Ds_MerchantCode/><Ds_Terminal/><Ds_Order/></Monitor></Message>
+ *	 </Version><Signature/><SignatureVersion>HMAC_SHA256_V1
+ *	 </SignatureVersion></Messages>, written without whitespace between
+ *	 tags (the manual asks for that).  "Monitor" (simple) answers every
+ *	 operation of one order, whatever its type (manual 3.1).
+ * - Signature: HMAC-SHA256 of the whole <Version ...>...</Version> element
+ *	 text, keyed with the 3DES order key of Ds_Order (the same key as every
+ *	 Redsys signature), standard base64 (manual 3.4.1).  The answer is
+ *	 signed the same way over its own <Version> element, with the key of the
+ *	 order asked about (the manual's example answers verify so; it has no
+ *	 example of a signed error answer, so crmpay does not ask errors for a
+ *	 signature).
+ * - Answer: <Messages><Version Ds_Version="0.0"><Message> with one
+ *	 <Response> per operation (Ds_MerchantCode, Ds_Terminal, Ds_Order,
+ *	 Ds_TransactionType, Ds_Date yyyy-mm-dd, Ds_Hour HH:mm:ss, Ds_Amount,
+ *	 Ds_Currency, card fields, Ds_SecurePayment, Ds_State, and Ds_Response
+ *	 once the operation has a result), or <ErrorMsg><Ds_ErrorCode>: XML0024
+ *	 "no operations for the data requested" is an order Redsys does not
+ *	 know; XML0023 a wrong signature; the rest are in redsys_query_errors.
+ *	 Ds_State: S requested, P authorising, A authenticating, F finished,
+ *	 T no answer / technical error, E D L W O other payment methods in
+ *	 progress.
+ *
+ * Not in the manual, taken from public clients (PHP civitatis/ and
+ * Metadrop/redsys-query-php, the Rust Redsys connector of juspay's
+ * hyperswitch, and a Python client's test fixture, which agree): the SOAP
+ * envelope (namespace http://webservices.apl02.redsys.es, the message in a
+ * CDATA section of cadenaXML), the header SOAPAction: consultaOperaciones,
+ * and an answer that carries the message as escaped text in
+ * consultaOperacionesResponse/consultaOperacionesReturn.  crmpay also takes
+ * the message there as a CDATA section or as plain child elements.  Not
+ * verified anywhere: that error answers come with HTTP 200 (the clients
+ * assume it; a SOAP fault, usually HTTP 500, is reported with its
+ * faultstring), whether they are signed, and the time zone of Ds_Date /
+ * Ds_Hour, which crmpay reads like the back-office export
+ * (settings.report_timezone, default Europe/Madrid).  Ds_State T (no
+ * answer / technical error) counts as failed: nothing was taken.
+ *
+ * Statuses follow the notification mapping: Ds_Response 0000-0099
+ * authorised (paid; processing for a preauthorisation), 0900 refund or
+ * confirmation accepted, 0400 cancellation accepted, 9998/9999 still
+ * waiting, anything else denied; an operation without Ds_Response is in
+ * progress (by Ds_State).
+ */
+#define REDSYS_QUERY_PATH		"/apl02/services/SerClsWSConsulta"
+#define REDSYS_QUERY_NS			"http://webservices.apl02.redsys.es"
+#define REDSYS_QUERY_UNKNOWN	"XML0024"
+
+/* Consulta error codes (manual section 4), and how crmpay classifies them. */
+static const struct
+{
+	const char *code;
+	CrmpayFailureKind kind;
+	const char *text;
+}			redsys_query_errors[] = {
+	{"XML0000", CRMPAY_FAIL_REJECTED, "errors processing the XML message sent"},
+	{"XML0001", CRMPAY_FAIL_REJECTED, "the XML message sent does not follow Redsys' DTD"},
+	{"XML0002", CRMPAY_FAIL_REJECTED, "no Message element in the XML message sent"},
+	{"XML0003", CRMPAY_FAIL_REJECTED, "unknown message type"},
+	{"XML0004", CRMPAY_FAIL_AUTH, "Ds_MerchantCode is missing"},
+	{"XML0005", CRMPAY_FAIL_AUTH, "Ds_MerchantCode is empty"},
+	{"XML0006", CRMPAY_FAIL_AUTH, "Ds_MerchantCode has the wrong length"},
+	{"XML0007", CRMPAY_FAIL_AUTH, "Ds_MerchantCode is not numeric"},
+	{"XML0008", CRMPAY_FAIL_AUTH, "Ds_Terminal is missing"},
+	{"XML0009", CRMPAY_FAIL_AUTH, "Ds_Terminal is empty"},
+	{"XML0010", CRMPAY_FAIL_AUTH, "Ds_Terminal has the wrong length"},
+	{"XML0011", CRMPAY_FAIL_AUTH, "Ds_Terminal is not numeric"},
+	{"XML0012", CRMPAY_FAIL_REJECTED, "Ds_Order is missing"},
+	{"XML0013", CRMPAY_FAIL_REJECTED, "Ds_Order is empty"},
+	{"XML0014", CRMPAY_FAIL_REJECTED, "Ds_Order has the wrong length"},
+	{"XML0015", CRMPAY_FAIL_REJECTED, "the first 4 characters of Ds_Order are not digits"},
+	{"XML0021", CRMPAY_FAIL_REJECTED, "no Signature element"},
+	{"XML0022", CRMPAY_FAIL_REJECTED, "the Signature element is empty"},
+	{"XML0023", CRMPAY_FAIL_AUTH, "the signature is not correct (is credentials.merchant_key this terminal's key?)"},
+	{"XML0025", CRMPAY_FAIL_UNAVAILABLE, "Redsys' answer XML is malformed"},
+	{"XML0028", CRMPAY_FAIL_AUTH, "the merchant / terminal is deregistered"},
+	{"XML0029", CRMPAY_FAIL_REJECTED, "the SignatureVersion element is empty"},
+	{"XML0030", CRMPAY_FAIL_REJECTED, "wrong SignatureVersion"},
+	{"XML0041", CRMPAY_FAIL_REJECTED, "this merchant may not use the SOAP status query (Consulta SOAP); ask the bank to enable it, or set the account's settings.reconcile_sources to [] to reconcile from imported reports only"},
+};
+
+/* memmem, which is not portable. */
+static const char *
+find_bytes(const char *hay, const char *end, const char *needle)
+{
+	size_t		n = strlen(needle);
+
+	for (; hay + n <= end; hay++)
+		if (*hay == *needle && memcmp(hay, needle, n) == 0)
+			return hay;
+	return NULL;
+}
+
+static bool
+xml_space(char c)
+{
+	return c == ' ' || c == '\t' || c == '\r' || c == '\n';
+}
+
+/* One element of a document: where it is, and its local name. */
+typedef struct XmlNode
+{
+	const char *name;			/* local name (after any "prefix:") */
+	size_t		name_len;
+	const char *start;			/* its '<' */
+	const char *content;		/* between the start and the end tag */
+	size_t		content_len;
+	const char *end;			/* just after its end tag */
+} XmlNode;
+
+/*
+ * Skips whitespace, comments, processing instructions and a DOCTYPE (no
+ * internal subset).  NULL if one is not closed.
+ */
+static const char *
+xml_skip_misc(const char *p, const char *end)
+{
+	for (;;)
+	{
+		const char *q;
+
+		while (p < end && xml_space(*p))
+			p++;
+		if (end - p >= 4 && memcmp(p, "<!--", 4) == 0)
+		{
+			q = find_bytes(p + 4, end, "-->");
+			p = q ? q + 3 : NULL;
+		}
+		else if (end - p >= 2 && memcmp(p, "<?", 2) == 0)
+		{
+			q = find_bytes(p + 2, end, "?>");
+			p = q ? q + 2 : NULL;
+		}
+		else if (end - p >= 9 && memcmp(p, "<!DOCTYPE", 9) == 0)
+		{
+			q = memchr(p, '>', end - p);
+			p = q ? q + 1 : NULL;
+		}
+		else
+			return p;
+		if (p == NULL)
+			return NULL;
+	}
+}
+
+/*
+ * The end of the tag that starts at p ('<'): just after its '>', quoted
+ * attribute values skipped; *empty when it is "<name/>".  NULL if unclosed.
+ */
+static const char *
+xml_tag_end(const char *p, const char *end, bool *empty)
+{
+	char		quote = 0;
+
+	for (p++; p < end; p++)
+	{
+		if (quote)
+		{
+			if (*p == quote)
+				quote = 0;
+		}
+		else if (*p == '"' || *p == '\'')
+			quote = *p;
+		else if (*p == '<')
+			return NULL;
+		else if (*p == '>')
+		{
+			*empty = (p[-1] == '/');
+			return p + 1;
+		}
+	}
+	return NULL;
+}
+
+/* Does a tag named qname (of qlen bytes) start at p, just after '<' or "</"? */
+static bool
+xml_names(const char *p, const char *end, const char *qname, size_t qlen)
+{
+	return (size_t) (end - p) > qlen && memcmp(p, qname, qlen) == 0 &&
+		(xml_space(p[qlen]) || p[qlen] == '>' || p[qlen] == '/');
+}
+
+/*
+ * xml_next_element
+ *		Reads the element at *pos (after whitespace and comments) of a piece
+ *		of a document ending at end, finding its end tag (nested elements of
+ *		the same name, CDATA sections and comments taken into account), and
+ *		moves *pos past it.  Returns false at the end of the piece; false and
+ *		*bad when there is text or broken markup instead.  Never raises.
+ */
+static bool
+xml_next_element(const char **pos, const char *end, XmlNode *node, bool *bad)
+{
+	const char *p = xml_skip_misc(*pos, end);
+	const char *qname;
+	size_t		qlen;
+	const char *q;
+	const char *colon;
+	bool		empty;
+	int			depth = 0;
+
+	*bad = false;
+	if (p == NULL || (p < end && (*p != '<' || end - p < 2 || p[1] == '/' || p[1] == '!')))
+	{
+		*bad = true;
+		return false;
+	}
+	if (p >= end)
+		return false;
+	qname = p + 1;
+	for (q = qname; q < end && !xml_space(*q) && *q != '>' && *q != '/'; q++)
+		;
+	qlen = q - qname;
+	q = qlen > 0 ? xml_tag_end(p, end, &empty) : NULL;
+	if (q == NULL)
+	{
+		*bad = true;
+		return false;
+	}
+	colon = memchr(qname, ':', qlen);
+	node->name = colon ? colon + 1 : qname;
+	node->name_len = qlen - (node->name - qname);
+	node->start = p;
+	node->content = q;
+	node->content_len = 0;
+	if (empty)
+	{
+		node->end = q;
+		*pos = q;
+		return true;
+	}
+	while ((q = memchr(q, '<', end - q)) != NULL)
+	{
+		const char *after;
+
+		if (end - q >= 9 && memcmp(q, "<![CDATA[", 9) == 0)
+		{
+			after = find_bytes(q + 9, end, "]]>");
+			q = after ? after + 3 : NULL;
+		}
+		else if (end - q >= 4 && memcmp(q, "<!--", 4) == 0)
+		{
+			after = find_bytes(q + 4, end, "-->");
+			q = after ? after + 3 : NULL;
+		}
+		else if (end - q >= 2 && q[1] == '/' && xml_names(q + 2, end, qname, qlen))
+		{
+			after = memchr(q, '>', end - q);
+			if (after == NULL)
+				break;
+			if (depth-- == 0)
+			{
+				node->content_len = q - node->content;
+				node->end = after + 1;
+				*pos = node->end;
+				return true;
+			}
+			q = after + 1;
+		}
+		else if (xml_names(q + 1, end, qname, qlen))
+		{
+			after = xml_tag_end(q, end, &empty);
+			if (after != NULL && !empty)
+				depth++;
+			q = after;
+		}
+		else
+			q++;
+		if (q == NULL)
+			break;
+	}
+	*bad = true;
+	return false;
+}
+
+/* Is a node called name? */
+static bool
+xml_is(const XmlNode *node, const char *name)
+{
+	return node->name_len == strlen(name) && memcmp(node->name, name, node->name_len) == 0;
+}
+
+/*
+ * The first child element called name of a piece of a document; false if
+ * there is none (or the piece is broken).
+ */
+static bool
+xml_child(const char *content, size_t len, const char *name, XmlNode *child)
+{
+	const char *pos = content;
+	bool		bad;
+
+	while (xml_next_element(&pos, content + len, child, &bad))
+		if (xml_is(child, name))
+			return true;
+	return false;
+}
+
+/* Appends c as UTF-8; false for code points XML does not allow. */
+static bool
+append_utf8(StringInfo buf, unsigned long c)
+{
+	unsigned char out[4];
+
+	if (c == 0 || c > 0x10FFFF || (c >= 0xD800 && c <= 0xDFFF))
+		return false;
+	unicode_to_utf8((pg_wchar) c, out);
+	appendBinaryStringInfo(buf, (char *) out, pg_utf_mblen(out));
+	return true;
+}
+
+/*
+ * xml_text
+ *		The character data of a piece of a document: entity and character
+ *		references decoded, CDATA sections as they are, comments dropped.
+ *		NULL if it holds an element or a bad reference.
+ */
+static char *
+xml_text(const char *p, size_t len)
+{
+	const char *end = p + len;
+	StringInfoData buf;
+
+	initStringInfo(&buf);
+	while (p < end)
+	{
+		if (*p == '<')
+		{
+			const char *q;
+
+			if (end - p >= 9 && memcmp(p, "<![CDATA[", 9) == 0 &&
+				(q = find_bytes(p + 9, end, "]]>")) != NULL)
+			{
+				appendBinaryStringInfo(&buf, p + 9, q - (p + 9));
+				p = q + 3;
+			}
+			else if (end - p >= 4 && memcmp(p, "<!--", 4) == 0 &&
+					 (q = find_bytes(p + 4, end, "-->")) != NULL)
+				p = q + 3;
+			else
+				return NULL;
+		}
+		else if (*p == '&')
+		{
+			const char *semi = memchr(p, ';', Min(end - p, 12));
+			static const struct
+			{
+				const char *name;
+				char		c;
+			}			named[] = {{"lt", '<'}, {"gt", '>'}, {"amp", '&'}, {"quot", '"'}, {"apos", '\''}};
+			size_t		n;
+			int			i;
+
+			if (semi == NULL)
+				return NULL;
+			n = semi - (p + 1);
+			if (n >= 2 && p[1] == '#')
+			{
+				bool		hex = (p[2] == 'x');
+				const char *d = p + (hex ? 3 : 2);
+				unsigned long c = 0;
+
+				if (d == semi)
+					return NULL;
+				for (; d < semi; d++)
+				{
+					int			v = (*d >= '0' && *d <= '9') ? *d - '0'
+						: (hex && *d >= 'a' && *d <= 'f') ? *d - 'a' + 10
+						: (hex && *d >= 'A' && *d <= 'F') ? *d - 'A' + 10 : -1;
+
+					if (v < 0 || c > 0x10FFFF)
+						return NULL;
+					c = c * (hex ? 16 : 10) + v;
+				}
+				if (!append_utf8(&buf, c))
+					return NULL;
+			}
+			else
+			{
+				for (i = 0; i < lengthof(named); i++)
+					if (strlen(named[i].name) == n && memcmp(p + 1, named[i].name, n) == 0)
+						break;
+				if (i == lengthof(named))
+					return NULL;
+				appendStringInfoChar(&buf, named[i].c);
+			}
+			p = semi + 1;
+		}
+		else
+			appendStringInfoChar(&buf, *p++);
+	}
+	return buf.data;
+}
+
+/* A text without the whitespace around it (in place). */
+static char *
+trim(char *s)
+{
+	char	   *e;
+
+	while (xml_space(*s))
+		s++;
+	e = s + strlen(s);
+	while (e > s && xml_space(e[-1]))
+		*--e = '\0';
+	return s;
+}
+
+/*
+ * redsys_soap_return
+ *		The message inside a SOAP answer of consultaOperaciones (Envelope /
+ *		Body / consultaOperacionesResponse / consultaOperacionesReturn), as
+ *		the text Redsys signed.  NULL + *reason when there is none (a SOAP
+ *		fault says its faultstring).
+ */
+static char *
+redsys_soap_return(const char *body, size_t len, const char **reason)
+{
+	const char *pos = body;
+	XmlNode		envelope;
+	XmlNode		soap_body;
+	XmlNode		node;
+	XmlNode		ret;
+	bool		bad;
+	char	   *text;
+	const char *p;
+
+	if (!xml_next_element(&pos, body + len, &envelope, &bad) || !xml_is(&envelope, "Envelope") ||
+		!xml_child(envelope.content, envelope.content_len, "Body", &soap_body))
+	{
+		*reason = "the body is not a SOAP envelope with a Body";
+		return NULL;
+	}
+	if (xml_child(soap_body.content, soap_body.content_len, "Fault", &node))
+	{
+		XmlNode		fs;
+		char	   *fault = xml_child(node.content, node.content_len, "faultstring", &fs)
+			? xml_text(fs.content, fs.content_len) : NULL;
+
+		if (fault != NULL && pg_verifymbstr(fault, strlen(fault), true))
+		{
+			fault = trim(fault);
+			if (strlen(fault) > 200)
+				fault = pnstrdup(fault, pg_mbcliplen(fault, strlen(fault), 200));
+		}
+		*reason = psprintf("SOAP fault: %s", fault && pg_verifymbstr(fault, strlen(fault), true)
+						   ? fault : "(no readable faultstring)");
+		return NULL;
+	}
+	if (!xml_child(soap_body.content, soap_body.content_len, "consultaOperacionesResponse", &node) ||
+		!xml_child(node.content, node.content_len, "consultaOperacionesReturn", &ret))
+	{
+		*reason = "no consultaOperacionesResponse/consultaOperacionesReturn in the SOAP body";
+		return NULL;
+	}
+	/* escaped text or CDATA (what clients see), or the elements themselves */
+	for (p = ret.content; p < ret.content + ret.content_len && xml_space(*p); p++)
+		;
+	if (p < ret.content + ret.content_len && *p == '<' &&
+		!(ret.content + ret.content_len - p >= 9 && memcmp(p, "<![CDATA[", 9) == 0))
+		text = pnstrdup(ret.content, ret.content_len);
+	else
+		text = xml_text(ret.content, ret.content_len);
+	if (text == NULL)
+		*reason = "consultaOperacionesReturn holds an unreadable text";
+	return text;
+}
+
+/* A short field for record strings: up to max ASCII letters and digits, else NULL. */
+static const char *
+plain_field(const char *v, size_t max)
+{
+	size_t		i;
+
+	if (v == NULL || strlen(v) > max)
+		return NULL;
+	for (i = 0; v[i]; i++)
+		if (!((v[i] >= '0' && v[i] <= '9') || (v[i] >= 'A' && v[i] <= 'Z') || (v[i] >= 'a' && v[i] <= 'z')))
+			return NULL;
+	return v;
+}
+
+/* One operation of an order, as the query answers it. */
+typedef struct RedsysOperation
+{
+	char	   *merchant;
+	char	   *terminal;
+	char	   *order;
+	char	   *type;
+	char	   *date;
+	char	   *hour;
+	char	   *amount;
+	char	   *currency;
+	char	   *state;
+	char	   *response;
+} RedsysOperation;
+
+/* What a query answer says: an error code, or the signed operations. */
+typedef struct RedsysQueryAnswer
+{
+	char	   *error_code;		/* Ds_ErrorCode, or NULL */
+	List	   *operations;		/* of RedsysOperation * */
+	const char *version;		/* the signed <Version> element */
+	size_t		version_len;
+	char	   *signature;		/* NULL if the answer has none */
+} RedsysQueryAnswer;
+
+/* The fields crmpay reads from a <Response>; the rest are skipped. */
+static char **
+operation_field(RedsysOperation *op, const XmlNode *node)
+{
+	static const char *const names[] = {"Ds_MerchantCode", "Ds_Terminal", "Ds_Order",
+		"Ds_TransactionType", "Ds_Date", "Ds_Hour", "Ds_Amount", "Ds_Currency", "Ds_State",
+	"Ds_Response"};
+	char	  **slots[] = {&op->merchant, &op->terminal, &op->order, &op->type, &op->date,
+		&op->hour, &op->amount, &op->currency, &op->state, &op->response};
+	int			i;
+
+	for (i = 0; i < lengthof(names); i++)
+		if (xml_is(node, names[i]))
+			return slots[i];
+	return NULL;
+}
+
+/*
+ * redsys_read_query_answer
+ *		Reads the <Messages> document of an answer.  NULL if it is readable,
+ *		else why not.  Values are trimmed; nothing is checked against the
+ *		request yet.
+ */
+static const char *
+redsys_read_query_answer(const char *text, RedsysQueryAnswer *answer)
+{
+	const char *pos = text;
+	const char *end = text + strlen(text);
+	XmlNode		messages;
+	XmlNode		version;
+	XmlNode		message;
+	XmlNode		node;
+	bool		bad;
+
+	memset(answer, 0, sizeof(*answer));
+	memset(&version, 0, sizeof(version));
+	if (!xml_next_element(&pos, end, &messages, &bad) || !xml_is(&messages, "Messages"))
+		return "the answer is not a <Messages> document";
+	pos = messages.content;
+	while (xml_next_element(&pos, messages.content + messages.content_len, &node, &bad))
+	{
+		if (xml_is(&node, "Version") && answer->version == NULL)
+		{
+			version = node;
+			answer->version = node.start;
+			answer->version_len = node.end - node.start;
+		}
+		else if (xml_is(&node, "Signature") && answer->signature == NULL)
+		{
+			answer->signature = xml_text(node.content, node.content_len);
+			if (answer->signature == NULL)
+				return "the Signature element is unreadable";
+			answer->signature = trim(answer->signature);
+		}
+		else if (xml_is(&node, "Version") || xml_is(&node, "Signature"))
+			return "the answer has more than one Version or Signature";
+	}
+	if (bad)
+		return "the <Messages> document is malformed";
+	if (answer->version == NULL ||
+		!xml_child(version.content, version.content_len, "Message", &message))
+		return "the answer has no Version/Message";
+
+	if (xml_child(message.content, message.content_len, "ErrorMsg", &node))
+	{
+		XmlNode		code;
+
+		answer->error_code = xml_child(node.content, node.content_len, "Ds_ErrorCode", &code)
+			? xml_text(code.content, code.content_len) : NULL;
+		if (answer->error_code != NULL)
+			answer->error_code = trim(answer->error_code);
+		if (answer->error_code == NULL || plain_field(answer->error_code, 16) == NULL ||
+			answer->error_code[0] == '\0')
+			return "ErrorMsg has no readable Ds_ErrorCode";
+		return NULL;
+	}
+	pos = message.content;
+	while (xml_next_element(&pos, message.content + message.content_len, &node, &bad))
+	{
+		RedsysOperation *op;
+		const char *fpos;
+		XmlNode		field;
+
+		if (!xml_is(&node, "Response"))
+			return "the Message holds something else than Response elements";
+		op = palloc0(sizeof(RedsysOperation));
+		fpos = node.content;
+		while (xml_next_element(&fpos, node.content + node.content_len, &field, &bad))
+		{
+			char	  **slot = operation_field(op, &field);
+			char	   *value;
+
+			if (slot == NULL)
+				continue;
+			if (*slot != NULL)
+				return psprintf("a Response has more than one %.*s", (int) field.name_len, field.name);
+			value = xml_text(field.content, field.content_len);
+			if (value == NULL)
+				return psprintf("a Response has an unreadable %.*s", (int) field.name_len, field.name);
+			*slot = trim(value);
+		}
+		if (bad)
+			return "a Response element is malformed";
+		answer->operations = lappend(answer->operations, op);
+	}
+	if (bad)
+		return "the Message element is malformed";
+	return NULL;
+}
+
+/* An order number crmpay can put in the query: 1 to 12 ASCII letters or digits. */
+static bool
+redsys_order_ok(const char *order)
+{
+	size_t		len = order ? strlen(order) : 0;
+	size_t		i;
+
+	if (len < 1 || len > REDSYS_ORDER_DIGITS)
+		return false;
+	for (i = 0; i < len; i++)
+		if (!((order[i] >= '0' && order[i] <= '9') || (order[i] >= 'A' && order[i] <= 'Z') ||
+			  (order[i] >= 'a' && order[i] <= 'z')))
+			return false;
+	return true;
+}
+
+/*
+ * redsys_build_query_order
+ *		The signed Monitor query of one payment's order number (gateway_ref).
+ *		Nothing to ask when the payment has none, or one that is not a
+ *		Redsys order number (1-12 letters and digits): such a payment is
+ *		reported from what other sources say.
+ */
+static bool
+redsys_build_query_order(const CrmpayAccount *account, const CrmpayOrderQuery *order,
+						 CrmpayHttpRequest *out)
+{
+	const char *merchant = crmpay_setting(account, "merchant_code");
+	const char *terminal = crmpay_setting(account, "terminal");
+	char	   *version;
+	char	   *signature;
+	StringInfoData body;
+
+	if (!redsys_order_ok(order->gateway_ref))
+		return false;
+	/* both checked by add_account: digits only, nothing to escape */
+	if (!all_digits(merchant, 9, 9) || !all_digits(terminal, 1, 3))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("account \"%s\" has no valid Redsys merchant_code and terminal", account->name)));
+	version = psprintf("<Version Ds_Version=\"0.0\"><Message><Monitor>"
+					   "<Ds_MerchantCode>%s</Ds_MerchantCode><Ds_Terminal>%s</Ds_Terminal>"
+					   "<Ds_Order>%s</Ds_Order></Monitor></Message></Version>",
+					   merchant, terminal, order->gateway_ref);
+	signature = redsys_sign(crmpay_json_str(account->credentials, "merchant_key"),
+							order->gateway_ref, version);
+	initStringInfo(&body);
+	appendStringInfo(&body,
+					 "<?xml version=\"1.0\" encoding=\"UTF-8\"?>"
+					 "<soapenv:Envelope xmlns:soapenv=\"http://schemas.xmlsoap.org/soap/envelope/\""
+					 " xmlns:web=\"%s\"><soapenv:Header/><soapenv:Body><web:consultaOperaciones>"
+					 "<cadenaXML><![CDATA[<Messages>%s<Signature>%s</Signature>"
+					 "<SignatureVersion>%s</SignatureVersion></Messages>]]></cadenaXML>"
+					 "</web:consultaOperaciones></soapenv:Body></soapenv:Envelope>",
+					 REDSYS_QUERY_NS, version, signature, REDSYS_SIGNATURE_VERSION);
+	out->method = "POST";
+	out->url = psprintf("%s%s", account->api_base, REDSYS_QUERY_PATH);
+	out->headers = list_make3("Content-Type: text/xml; charset=utf-8",
+							  "Accept: text/xml",
+							  "SOAPAction: consultaOperaciones");
+	out->body = body.data;
+	out->body_len = body.len;
+	return true;
+}
+
+/* Fills *failure from a Consulta or SIS error code. */
+static void
+redsys_query_error(const char *code, CrmpayGatewayFailure *failure)
+{
+	int			i;
+
+	failure->kind = CRMPAY_FAIL_REJECTED;
+	failure->code = pstrdup(code);
+	failure->message = psprintf("Redsys error %s (see the Consulta SOAP manual's error codes)", code);
+	for (i = 0; i < lengthof(redsys_query_errors); i++)
+		if (strcmp(redsys_query_errors[i].code, code) == 0)
+		{
+			failure->kind = redsys_query_errors[i].kind;
+			failure->message = psprintf("Redsys error %s: %s", code, redsys_query_errors[i].text);
+		}
+	for (i = 0; i < lengthof(redsys_sis_errors); i++)
+		if (strcmp(redsys_sis_errors[i].code, code) == 0)
+		{
+			failure->kind = redsys_sis_errors[i].kind == CRMPAY_FAIL_CONFLICT
+				? CRMPAY_FAIL_REJECTED : redsys_sis_errors[i].kind;
+			failure->message = psprintf("Redsys error %s: %s", code, redsys_sis_errors[i].text);
+		}
+	failure->retryable = (failure->kind == CRMPAY_FAIL_UNAVAILABLE);
+}
+
+/* Ds_Date (yyyy-mm-dd, or dd/mm/yyyy) and Ds_Hour (HH:mm[:ss]) in Spanish time; 0 if unreadable. */
+static TimestampTz
+redsys_query_time(const CrmpayAccount *account, const char *date, const char *hour)
+{
+	const char *zone = crmpay_setting(account, "report_timezone");
+	pg_tz	   *tz;
+	struct pg_tm tm;
+	int			y,
+				mo,
+				d,
+				h = 0,
+				mi = 0,
+				s = 0;
+	char		tail;
+	int			tzoff;
+	TimestampTz result;
+
+	if (date == NULL)
+		return 0;
+	if (sscanf(date, "%4d-%2d-%2d%c", &y, &mo, &d, &tail) != 3 &&
+		sscanf(date, "%2d/%2d/%4d%c", &d, &mo, &y, &tail) != 3)
+		return 0;
+	if (hour != NULL && hour[0] != '\0' &&
+		sscanf(hour, "%2d:%2d:%2d%c", &h, &mi, &s, &tail) != 3 &&
+		(s = 0, sscanf(hour, "%2d:%2d%c", &h, &mi, &tail) != 2))
+		return 0;
+	if (y < 1990 || y > 9999 || mo < 1 || mo > 12 || d < 1 || d > day_tab[isleap(y)][mo - 1] ||
+		h < 0 || h > 23 || mi < 0 || mi > 59 || s < 0 || s > 59)
+		return 0;
+	tz = pg_tzset(zone ? zone : "Europe/Madrid");
+	if (tz == NULL)
+		return 0;
+	memset(&tm, 0, sizeof(tm));
+	tm.tm_year = y;
+	tm.tm_mon = mo;
+	tm.tm_mday = d;
+	tm.tm_hour = h;
+	tm.tm_min = mi;
+	tm.tm_sec = s;
+	tzoff = DetermineTimeZoneOffset(&tm, tz);
+	if (tm2timestamp(&tm, 0, &tzoff, &result) != 0)
+		return 0;
+	return result;
+}
+
+/*
+ * redsys_operation_record
+ *		One operation as a gateway record (record types as the back-office
+ *		export's: a charge, a refund, or "other" for what proves nothing).
+ */
+static CrmpayGatewayRecord *
+redsys_operation_record(const CrmpayAccount *account, const RedsysOperation *op)
+{
+	CrmpayGatewayRecord *rec = crmpay_new_record("charge");
+	const char *type = op->type ? op->type : "0";
+	bool		refund = (strcmp(type, "3") == 0 || strcmp(type, "34") == 0);
+	bool		preauth = (strcmp(type, "1") == 0 || strcmp(type, "7") == 0 || strcmp(type, "O") == 0);
+	const char *response = all_digits(op->response, 1, 4) ? op->response : NULL;
+	const char *state = plain_field(op->state, 1);
+	int64		amount;
+	const char *status = NULL;
+
+	rec->match_key = pstrdup(op->order);
+	rec->gateway_ref = pstrdup(op->order);
+	rec->record_ref = psprintf("%s|%s|%s %s|%s", op->order, type, op->date ? op->date : "",
+							   op->hour ? op->hour : "", response ? response : state ? state : "");
+	rec->gateway_status = psprintf("type %s, state %s, Ds_Response %s", type,
+								   state ? state : "?", response ? response : "none");
+	if (op->amount && crmpay_parse_int64(op->amount, strlen(op->amount), &amount) && amount >= 0)
+		rec->amount_minor = amount;
+	if (op->currency)
+	{
+		const char *alpha = redsys_currency_alpha(op->currency);
+
+		rec->currency = pstrdup(alpha ? alpha : op->currency);
+	}
+	rec->occurred_at = redsys_query_time(account, op->date, op->hour);
+
+	if (response != NULL)
+	{
+		int			code = atoi(response);
+
+		if (refund)
+		{
+			if (code <= 99 || code == 900)
+				rec->record_type = "refund";
+			else
+				rec->record_type = "other"; /* a denied refund moved no money */
+		}
+		else if (code <= 99)
+			status = preauth ? "processing" : "paid";
+		else if (code == 900)
+			status = "paid";	/* a confirmation accepted */
+		else if (code == 400)
+			status = "canceled";
+		else if (code == 9998 || code == 9999)
+			status = "open";	/* waiting for the card or the issuer */
+		else
+			status = "failed";
+	}
+	else if (refund)
+		rec->record_type = "other";
+	else if (state != NULL && strchr("SAWOL", state[0]))
+		status = "open";		/* requested, authenticating, redirected */
+	else if (state != NULL && strchr("PED", state[0]))
+		status = "processing";	/* being authorised; transfers, direct debits */
+	else if (state != NULL && state[0] == 'T')
+		status = "failed";		/* no answer / technical error: nothing taken */
+
+	rec->status = status;
+	if (strcmp(rec->record_type, "refund") == 0 && rec->currency && rec->amount_minor != CRMPAY_NO_AMOUNT)
+	{
+		rec->fin_currency = pstrdup(rec->currency);
+		rec->fin_amount_minor = -rec->amount_minor;
+	}
+	else if (status && strcmp(status, "paid") == 0 && rec->currency &&
+			 rec->amount_minor != CRMPAY_NO_AMOUNT)
+	{
+		rec->fin_currency = pstrdup(rec->currency);
+		rec->fin_amount_minor = rec->amount_minor;
+	}
+	return rec;
+}
+
+/*
+ * redsys_parse_query_order
+ *		Reads a Monitor answer: XML0024 (Redsys knows no operation of the
+ *		order) gives no records; another error code is a failure; otherwise
+ *		the answer must be signed with the merchant key for this order, be
+ *		about this order, merchant and terminal, and each operation becomes
+ *		a record (paid charges carry the order's refunds so far).  Never
+ *		touches the database and never raises.
+ */
+static bool
+redsys_parse_query_order(const CrmpayAccount *account, const CrmpayOrderQuery *order,
+						 const CrmpayHttpResponse *response, List **records,
+						 CrmpayGatewayFailure *failure)
+{
+	const char *reason = NULL;
+	char	   *text;
+	RedsysQueryAnswer answer;
+	const char *merchant = crmpay_setting(account, "merchant_code");
+	const char *terminal = crmpay_setting(account, "terminal");
+	ListCell   *lc;
+	int64		refunded = 0;
+
+	*records = NIL;
+	if (merchant == NULL || terminal == NULL)
+	{
+		failure->message = "the account has no merchant_code or terminal";
+		return false;
+	}
+	text = redsys_soap_return(response->body, response->body_len, &reason);
+	if (text != NULL)
+		reason = redsys_read_query_answer(text, &answer);
+	if (reason != NULL)
+	{
+		failure->message = psprintf("Redsys query answer for order %s not readable: %s",
+									order->gateway_ref, reason);
+		return false;
+	}
+	if (answer.error_code != NULL)
+	{
+		if (strcmp(answer.error_code, REDSYS_QUERY_UNKNOWN) == 0)
+			return true;		/* no operation of this order */
+		redsys_query_error(answer.error_code, failure);
+		failure->message = psprintf("%s (query of order %s)", failure->message, order->gateway_ref);
+		return false;
+	}
+	if (answer.operations == NIL && answer.signature == NULL)
+		return true;			/* no operation, nothing to verify */
+
+	/* the answer is signed over its <Version> element, with this order's key */
+	{
+		unsigned char key[REDSYS_KEY_LEN];
+		unsigned char expected[CRMPAY_MAX_MAC];
+		unsigned char given[CRMPAY_BASE64_DECODED_MAX(64)];
+		long		given_len = -1;
+		bool		ok;
+
+		if (answer.signature == NULL)
+			reason = "the answer has no Signature";
+		else if (strlen(answer.signature) <= 64)
+			given_len = crmpay_base64_decode(answer.signature, strlen(answer.signature), given,
+											 sizeof(given), CRMPAY_B64_ANY);
+		if (reason == NULL && given_len != REDSYS_MAC_LEN)
+			reason = "its Signature is not a 32-byte base64 value";
+		else if (reason == NULL && !redsys_decode_key(crmpay_json_str(account->credentials, "merchant_key"), key))
+			reason = "the merchant key is not base64 of 24 bytes";
+		else if (reason == NULL)
+		{
+			ok = redsys_mac(key, order->gateway_ref, strlen(order->gateway_ref),
+							answer.version, answer.version_len, expected);
+			explicit_bzero(key, sizeof(key));
+			if (!ok)
+				reason = "could not compute the signature (OpenSSL DES-EDE3-CBC failed)";
+			else if (!crmpay_ct_equal(given, expected, REDSYS_MAC_LEN))
+				reason = "its Signature does not match the merchant key, the order and its <Version> element";
+		}
+	}
+	foreach(lc, answer.operations)
+	{
+		RedsysOperation *op = lfirst(lc);
+
+		if (reason != NULL)
+			break;
+		if (op->order == NULL || strcmp(op->order, order->gateway_ref) != 0)
+			reason = psprintf("it reports an operation of order \"%s\"",
+							  op->order && pg_verifymbstr(op->order, strlen(op->order), true)
+							  ? op->order : "(none)");
+		else if (op->merchant != NULL && strcmp(op->merchant, merchant) != 0)
+			reason = "it reports an operation of another merchant";
+		else if (op->terminal != NULL && (!all_digits(op->terminal, 1, 3) ||
+										  atoi(op->terminal) != atoi(terminal)))
+			reason = "it reports an operation of another terminal";
+		else if (op->type != NULL && plain_field(op->type, 2) == NULL)
+			reason = "an operation has an unreadable Ds_TransactionType";
+		else if (op->amount != NULL && !all_digits(op->amount, 1, 12))
+			reason = "an operation's Ds_Amount is not a number of up to 12 digits";
+		else if (op->currency != NULL && !all_digits(op->currency, 1, 4))
+			reason = "an operation's Ds_Currency is not an ISO 4217 numeric code";
+		else if (op->response != NULL && op->response[0] != '\0' && !all_digits(op->response, 1, 4))
+			reason = "an operation's Ds_Response is not a number of up to 4 digits";
+		else if ((op->date != NULL && (strlen(op->date) > 10 ||
+									   strspn(op->date, "0123456789-/") != strlen(op->date))) ||
+				 (op->hour != NULL && (strlen(op->hour) > 8 ||
+									   strspn(op->hour, "0123456789:") != strlen(op->hour))))
+			reason = "an operation's Ds_Date or Ds_Hour is unreadable";
+	}
+	if (reason != NULL)
+	{
+		failure->message = psprintf("Redsys query answer for order %s not accepted: %s",
+									order->gateway_ref, reason);
+		return false;
+	}
+	/*
+	 * Monitor lists every operation of the order: its refunds are all
+	 * there, so the charges say how much of them was refunded (which tells
+	 * matching that a CRM refund the gateway lacks is wrong).
+	 */
+	foreach(lc, answer.operations)
+	{
+		CrmpayGatewayRecord *rec = redsys_operation_record(account, lfirst(lc));
+
+		if (strcmp(rec->record_type, "refund") == 0 && rec->amount_minor != CRMPAY_NO_AMOUNT)
+			refunded += rec->amount_minor;
+		*records = lappend(*records, rec);
+	}
+	foreach(lc, *records)
+	{
+		CrmpayGatewayRecord *rec = lfirst(lc);
+
+		if (strcmp(rec->record_type, "charge") == 0 && rec->status && strcmp(rec->status, "paid") == 0)
+			rec->refunded_minor = refunded;
+	}
+	return true;
+}
+
 const CrmpayProvider crmpay_redsys_provider = {
 	.name = "redsys",
 	.default_api_base = "https://sis.redsys.es",
@@ -1248,6 +2243,8 @@ const CrmpayProvider crmpay_redsys_provider = {
 	.parse_error = redsys_parse_error,
 	.verify_webhook = redsys_verify_webhook,
 	.parse_webhook = redsys_parse_webhook,
+	.build_query_order = redsys_build_query_order,
+	.parse_query_order = redsys_parse_query_order,
 };
 
 /* ----------------------------------------------------------------

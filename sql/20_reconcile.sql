@@ -9,8 +9,10 @@ SET timezone = 'UTC';
 
 SELECT crmpay.add_account('ady1', 'adyen', '{"api_key": "AQE_regress_key"}', NULL,
                           '{"merchant_account": "ShopECOM", "return_url": "https://shop.example/paid"}');
+-- rsys1 reconciles from imported reports only (no status queries: no network here)
 SELECT crmpay.add_account('rsys1', 'redsys', '{"merchant_key": "sq7HjrUOBfKmC576ILgskD5srU870gJ7"}', NULL,
-                          '{"merchant_code": "999008881", "terminal": "1", "notification_url": "https://crm.example/redsys/notify"}');
+                          '{"merchant_code": "999008881", "terminal": "1", "notification_url": "https://crm.example/redsys/notify",
+                            "reconcile_sources": []}');
 
 -- CRM payments of 1 March 2024 (status as the webhooks left them)
 INSERT INTO crmpay.payments (account, order_ref, amount_minor, currency, status, idempotency_key,

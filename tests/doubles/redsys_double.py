@@ -33,6 +33,29 @@ shared/reference/gateways.md section 5; "approx." marks guesses):
   merchant.  A Paygold request for a known order, or a redirect for an
   order already paid, answers SIS0051.  Re-posting the form of an unpaid
   order (the customer reloads, or retries after a denial) is accepted.
+* ``POST /apl02/services/SerClsWSConsulta``: the SOAP status query
+  ("Consulta SOAP", Redsys manual RS.TE.CEL.MAN.0021 v1.4, whose worked
+  examples the double reproduces byte for byte).  The SOAP call
+  consultaOperaciones carries in cadenaXML the message
+  ``<Messages><Version Ds_Version="0.0"><Message><Monitor>`` (or
+  ``<Transaction>`` with Ds_TransactionType) ``...</Version><Signature/>
+  <SignatureVersion/></Messages>``, signed HMAC-SHA256 over the exact
+  ``<Version ...>...</Version>`` text with the order key, standard base64.
+  The double checks it as the manual describes (element order as in its
+  XML schema, XML0001-XML0030 for bad fields, XML0023 for a bad signature,
+  XML0041 for a merchant without the service) and answers every operation
+  of the order, newest first, as ``<Response>`` elements in the schema's
+  order, signed the same way over its own ``<Version>`` element; an order
+  it does not know answers ``<ErrorMsg><Ds_ErrorCode>XML0024``.  Approx.
+  (not in the manual, taken from public clients): the SOAP envelope, the
+  answer's message as escaped text in
+  consultaOperacionesResponse/consultaOperacionesReturn, error answers
+  unsigned, SIS0026 for an unknown merchant or terminal, a SOAP fault with
+  HTTP 500 for a body that is not a SOAP call, the time zone of Ds_Date and
+  Ds_Hour (Europe/Madrid).  Operations: a form posted or a Paygold link
+  made opens one (Ds_State S, no Ds_Response); paying finishes it (F with
+  0000 or the denial code); refunds add type 3 / 0900; ``seed_operation``
+  adds any other (an amount or currency the CRM does not expect...).
 * Notifications: POST to DS_MERCHANT_MERCHANTURL, form-encoded
   Ds_SignatureVersion / Ds_MerchantParameters (base64url) / Ds_Signature
   (base64url); parameters Ds_Date ("dd%2Fmm%2Fyyyy"), Ds_Hour ("HH%3AMM"),
@@ -57,9 +80,18 @@ CLI::
 
 CONTROL ENDPOINTS (JSON in / JSON out): ``POST /_double/pay`` ``{"merchant",
 "order", "outcome"}``, ``POST /_double/refund`` ``{"merchant", "order",
-"amount"}``, ``POST /_double/faults`` ``{"mode", "count"}``, ``POST
-/_double/reset``, ``GET /_double/stats``, ``GET /_double/requests``, ``GET
-/_double/orders``.
+"amount"}``, ``POST /_double/seed`` ``{"merchant", "order", "type",
+"response", "amount", "currency", "state"}``, ``POST /_double/faults``
+``{"mode", "count", "after", "code"}``, ``POST /_double/reset``, ``GET
+/_double/stats``, ``GET /_double/requests``, ``GET /_double/orders``.
+
+Fault modes: 500, 503 (HTML error page), slow (5 s), drop (connection
+closed), drop_after_create (Paygold made, answer lost), bad_json (REST
+answer cut short), and for the status query soap_error (an ErrorMsg with
+``code``, default XML0000), soap_fault (HTTP 500 with a SOAP fault),
+bad_signature (the answer signed with another key), bad_xml (the answer
+cut short).  ``after`` lets that many requests
+through first.
 """
 
 import argparse
@@ -81,6 +113,9 @@ import threading
 import time
 import traceback
 import urllib.parse
+import xml.etree.ElementTree as ET
+import zoneinfo
+from xml.sax.saxutils import escape as xml_escape
 
 try:
     from .tls_server import TLSThreadingServer
@@ -91,6 +126,21 @@ SIGNATURE_VERSION = "HMAC_SHA256_V1"
 REDIRECT_PATH = "/sis/realizarPago"
 REST_PATH = "/sis/rest/trataPeticionREST"
 P2F_PATH = "/sis/p2f"
+QUERY_PATH = "/apl02/services/SerClsWSConsulta"
+QUERY_NS = "http://webservices.apl02.redsys.es"
+SOAP_NS = "http://schemas.xmlsoap.org/soap/envelope/"
+SPAIN = zoneinfo.ZoneInfo("Europe/Madrid")
+
+# The query's message types and their elements, in the order of the
+# manual's XML schema (a different order fails the DTD: XML0001).
+QUERY_MESSAGES = {
+    "Transaction": ("Ds_MerchantCode", "Ds_Terminal", "Ds_Order", "Ds_TransactionType"),
+    "Monitor": ("Ds_MerchantCode", "Ds_Terminal", "Ds_Order"),
+    "Detail": ("Ds_MerchantCode", "Ds_Terminal", "Ds_Order", "Ds_TransactionType"),
+    "TransactionMasiva": ("Ds_Order", "Ds_MerchantCode", "Ds_Terminal", "Ds_TransactionType",
+                          "Ds_Fecha_inicio", "Ds_Fecha_fin"),
+    "MonitorMasiva": ("Ds_Order", "Ds_MerchantCode", "Ds_Terminal", "Ds_Fecha_inicio", "Ds_Fecha_fin"),
+}
 
 # ISO 4217 numeric codes the double's terminals take by default, with the
 # exponent Redsys uses (two decimals, none for the yen).
@@ -120,7 +170,8 @@ OUTCOMES = {
     "cancelled": ("9915", False),
 }
 
-FAULT_MODES = ("none", "500", "503", "slow", "drop", "drop_after_create", "bad_json")
+FAULT_MODES = ("none", "500", "503", "slow", "drop", "drop_after_create", "bad_json",
+               "soap_error", "soap_fault", "bad_signature", "bad_xml")
 
 
 # --------------------------------------------------------------------------
@@ -155,6 +206,13 @@ def signature(merchant_key_b64, order, params_text, urlsafe=False):
     mac = hmac.new(order_key(merchant_key_b64, order), params_text.encode("ascii"),
                    hashlib.sha256).digest()
     return (base64.urlsafe_b64encode if urlsafe else base64.b64encode)(mac).decode("ascii")
+
+
+def xml_signature(merchant_key_b64, order, version_text):
+    """Signature of a status query message: the <Version> element text."""
+    mac = hmac.new(order_key(merchant_key_b64, order), version_text.encode("utf-8"),
+                   hashlib.sha256).digest()
+    return base64.b64encode(mac).decode("ascii")
 
 
 def encode_params(params, urlsafe=False):
@@ -311,14 +369,17 @@ class RedsysDouble:
 
     # ----------------------------------------------------------------- state
 
-    def add_merchant(self, code, key, terminals=("1",), paygold=False, currencies=None):
-        """Registers a merchant (FUC) with its key, terminals and options."""
+    def add_merchant(self, code, key, terminals=("1",), paygold=False, currencies=None,
+                     soap_query=True):
+        """Registers a merchant (FUC) with its key, terminals and options
+        (soap_query: the bank enabled the status query service)."""
         with self._lock:
             self.merchants[code] = {
                 "key": key,
                 "terminals": {str(int(t)) for t in terminals},
                 "paygold": paygold,
                 "currencies": dict(currencies or DEFAULT_CURRENCIES),
+                "soap_query": soap_query,
             }
 
     def _reset_state(self):
@@ -327,24 +388,29 @@ class RedsysDouble:
             self._tokens = {}           # p2f token -> (merchant, order)
             self._requests = []
             self._deliveries = []
-            self._faults = {"mode": "none", "count": 0}
-            self._stats = {"requests": 0, "redirects": 0, "rest": 0, "errors": 0,
+            self._faults = {"mode": "none", "count": 0, "after": 0, "code": None}
+            self._stats = {"requests": 0, "redirects": 0, "rest": 0, "queries": 0, "errors": 0,
                            "faults": 0, "tls_failures": 0, "notifications": 0}
 
     def reset(self):
         """Forgets orders, requests and faults (merchants stay)."""
         self._reset_state()
 
-    def set_faults(self, mode="none", count=1):
-        """Next `count` API requests fail with `mode` (see FAULT_MODES)."""
+    def set_faults(self, mode="none", count=1, after=0, code=None):
+        """After `after` more API requests, the next `count` fail with `mode`
+        (see FAULT_MODES); `code` is the soap_error's Ds_ErrorCode."""
         if mode not in FAULT_MODES:
             raise ValueError("unknown fault mode %r" % mode)
         with self._lock:
-            self._faults = {"mode": mode, "count": count if mode != "none" else 0}
+            self._faults = {"mode": mode, "count": count if mode != "none" else 0,
+                            "after": int(after), "code": code}
 
     def _take_fault(self):
         with self._lock:
             if self._faults["count"] <= 0:
+                return "none"
+            if self._faults["after"] > 0:
+                self._faults["after"] -= 1
                 return "none"
             self._faults["count"] -= 1
             self._stats["faults"] += 1
@@ -396,6 +462,8 @@ class RedsysDouble:
             return self._rest(entry, headers, body)
         if method == "GET" and path == P2F_PATH:
             return self._p2f_page(parsed.query)
+        if method == "POST" and path == QUERY_PATH:
+            return self._query(entry, headers, body)
         return (404, {"Content-Type": "text/html"}, b"<html><body>Not Found</body></html>")
 
     # The checks both interfaces share; returns (merchant, params, order).
@@ -463,7 +531,23 @@ class RedsysDouble:
             "expiry_minutes": field(params, "DS_MERCHANT_P2F_EXPIRYDATE"),
             "status": "pending", "refunded": 0, "attempts": 0, "token": None,
             "created": time.time(),
+            # what the status query answers: one started operation
+            "ops": [self._new_op(field(params, "DS_MERCHANT_TRANSACTIONTYPE") or "0",
+                                 field(params, "DS_MERCHANT_AMOUNT"),
+                                 field(params, "DS_MERCHANT_CURRENCY"), "S", None)],
         }
+
+    @staticmethod
+    def _new_op(ttype, amount, currency, state, response, when=None, card=None, secure=None):
+        """One operation of an order as the status query reports it."""
+        if isinstance(when, tuple):
+            date, hour = when
+        else:
+            when = (when or datetime.datetime.now(datetime.timezone.utc)).astimezone(SPAIN)
+            date, hour = when.strftime("%Y-%m-%d"), when.strftime("%H:%M:%S")
+        return {"type": str(ttype), "date": date, "hour": hour, "amount": str(amount),
+                "currency": str(currency), "state": state, "response": response,
+                "card": card, "secure": secure}
 
     def _redirect(self, entry, headers, body):
         with self._lock:
@@ -481,7 +565,10 @@ class RedsysDouble:
                     if known["status"] != "denied" or known["channel"] != "redirect":
                         raise SisError("SIS0051")
                 if known is None or known["status"] == "denied":
-                    self._orders[(code, order)] = self._new_order(code, order, params, "redirect")
+                    fresh = self._new_order(code, order, params, "redirect")
+                    if known is not None:
+                        fresh["ops"] = known["ops"] + fresh["ops"]
+                    self._orders[(code, order)] = fresh
                 entry["order"] = order
         except SisError as e:
             return self._error_page(e.code)
@@ -569,6 +656,194 @@ class RedsysDouble:
                 % (html.escape(o["order"]), html.escape(o["amount"])))
         return (200, {"Content-Type": "text/html; charset=utf-8"}, page.encode())
 
+    # --------------------------------------------------------- status query
+
+    @staticmethod
+    def _soap_fault(text):
+        body = ('<?xml version="1.0" encoding="UTF-8"?><soapenv:Envelope xmlns:soapenv="%s">'
+                '<soapenv:Body><soapenv:Fault><faultcode>soapenv:Server</faultcode>'
+                '<faultstring>%s</faultstring></soapenv:Fault></soapenv:Body></soapenv:Envelope>'
+                % (SOAP_NS, xml_escape(text)))
+        return (500, {"Content-Type": "text/xml; charset=utf-8"}, body.encode())
+
+    @staticmethod
+    def _soap_answer(messages):
+        body = ('<?xml version="1.0" encoding="UTF-8"?><soapenv:Envelope xmlns:soapenv="%s"'
+                ' xmlns:soapenc="http://schemas.xmlsoap.org/soap/encoding/"'
+                ' xmlns:xsd="http://www.w3.org/2001/XMLSchema"'
+                ' xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance"><soapenv:Body>'
+                '<p259:consultaOperacionesResponse xmlns:p259="%s"><consultaOperacionesReturn>%s'
+                '</consultaOperacionesReturn></p259:consultaOperacionesResponse></soapenv:Body>'
+                '</soapenv:Envelope>' % (SOAP_NS, QUERY_NS, xml_escape(messages)))
+        return (200, {"Content-Type": "text/xml; charset=utf-8"}, body.encode())
+
+    @staticmethod
+    def _error_message(code):
+        return ('<Messages><Version Ds_Version="0.0"><Message><ErrorMsg><Ds_ErrorCode>%s'
+                '</Ds_ErrorCode></ErrorMsg></Message></Version></Messages>' % code)
+
+    @staticmethod
+    def response_xml(code, terminal, order, op):
+        """One <Response> element, in the schema's order."""
+        parts = ["<Response><Ds_MerchantCode>%s</Ds_MerchantCode><Ds_Terminal>%s</Ds_Terminal>"
+                 "<Ds_Order>%s</Ds_Order><Ds_TransactionType>%s</Ds_TransactionType>"
+                 "<Ds_Date>%s</Ds_Date><Ds_Hour>%s</Ds_Hour><Ds_Amount>%s</Ds_Amount>"
+                 "<Ds_Currency>%s</Ds_Currency>"
+                 % (code, terminal, order, op["type"], op["date"], op["hour"], op["amount"],
+                    op["currency"])]
+        if op.get("card"):
+            parts.append("<Ds_CardNumber>%s</Ds_CardNumber>" % op["card"])
+        parts.append("<Ds_SecurePayment>%s</Ds_SecurePayment><Ds_State>%s</Ds_State>"
+                     % (op.get("secure") or "0", op["state"]))
+        if op.get("response") is not None:
+            parts.append("<Ds_Response>%s</Ds_Response>" % op["response"])
+        parts.append("</Response>")
+        return "".join(parts)
+
+    def query_answer(self, code, order, ops, key=None):
+        """The signed <Messages> answer listing ops (newest first)."""
+        merchant = self.merchants[code]
+        terminal = "1"
+        with self._lock:
+            o = self._orders.get((code, order))
+            if o is not None:
+                terminal = o["terminal"]
+        version = ('<Version Ds_Version="0.0"><Message>%s</Message></Version>'
+                   % "".join(self.response_xml(code, terminal, order, op) for op in ops))
+        return "<Messages>%s<Signature>%s</Signature></Messages>" % (
+            version, xml_signature(key or merchant["key"], order, version))
+
+    def _check_query(self, entry, cadena):
+        """Checks the message as the manual says Redsys does; returns
+        (merchant code, merchant, message type, fields).  Raises SisError."""
+        try:
+            root = ET.fromstring(cadena)
+        except ET.ParseError:
+            raise SisError("XML0001")
+        if root.tag != "Messages":
+            raise SisError("XML0001")
+        children = [c.tag for c in root]
+        if children[:2] != ["Version", "Signature"] or children[2:] not in ([], ["SignatureVersion"]):
+            raise SisError("XML0021" if "Signature" not in children else "XML0001")
+        version, sig = root[0], root[1]
+        if version.get("Ds_Version") is None:
+            raise SisError("XML0001")
+        messages = list(version)
+        if not messages or messages[0].tag != "Message":
+            raise SisError("XML0002")
+        if len(list(messages[0])) != 1 or messages[0][0].tag not in QUERY_MESSAGES:
+            raise SisError("XML0003")
+        body = messages[0][0]
+        kind = body.tag
+        if tuple(c.tag for c in body) != QUERY_MESSAGES[kind]:
+            missing = [n for n in QUERY_MESSAGES[kind] if body.find(n) is None]
+            codes = {"Ds_MerchantCode": "XML0004", "Ds_Terminal": "XML0008", "Ds_Order": "XML0012",
+                     "Ds_TransactionType": "XML0016", "Ds_Fecha_inicio": "XML0026",
+                     "Ds_Fecha_fin": "XML0027"}
+            raise SisError(codes.get(missing[0], "XML0001") if missing else "XML0001")
+        fields = {c.tag: (c.text or "").strip() for c in body}
+        if not (sig.text or "").strip():
+            raise SisError("XML0022")
+        if len(children) == 3:
+            sv = (root[2].text or "").strip()
+            if not sv:
+                raise SisError("XML0029")
+            if sv != SIGNATURE_VERSION:
+                raise SisError("XML0030")
+        code, terminal, order = fields["Ds_MerchantCode"], fields["Ds_Terminal"], fields["Ds_Order"]
+        if not code:
+            raise SisError("XML0005")
+        if len(code) != 9:
+            raise SisError("XML0006")
+        if not code.isdigit():
+            raise SisError("XML0007")
+        if not terminal:
+            raise SisError("XML0009")
+        if len(terminal) > 3:
+            raise SisError("XML0010")
+        if not terminal.isdigit():
+            raise SisError("XML0011")
+        if not order:
+            raise SisError("XML0013")
+        if not (4 <= len(order) <= 12):
+            raise SisError("XML0014")
+        if not order[:4].isdigit():
+            raise SisError("XML0015")
+        if "Ds_TransactionType" in fields:
+            ttype = fields["Ds_TransactionType"]
+            if not ttype:
+                raise SisError("XML0017")
+            if len(ttype) != 1:
+                raise SisError("XML0018")
+        entry["order"] = order
+        merchant = self.merchants.get(code)
+        if merchant is None or str(int(terminal)) not in merchant["terminals"]:
+            raise SisError("SIS0026")
+        # the signature covers the <Version> element exactly as sent
+        start = cadena.find("<Version")
+        stop = cadena.find("</Version>")
+        signed = cadena[start:stop + len("</Version>")] if 0 <= start < stop else ""
+        try:
+            ok = hmac.compare_digest(decode_b64(sig.text.strip()),
+                                     decode_b64(xml_signature(merchant["key"], order, signed)))
+        except ValueError:
+            ok = False
+        if not ok:
+            raise SisError("XML0023")
+        if not merchant["soap_query"]:
+            raise SisError("XML0041")
+        if kind not in ("Monitor", "Transaction"):
+            raise SisError("XML0003")     # approx.: the double answers only these
+        return code, merchant, kind, fields
+
+    def _query(self, entry, headers, body):
+        with self._lock:
+            self._stats["queries"] += 1
+        fault = self._take_fault()
+        if fault in ("500", "503"):
+            return (int(fault), {"Content-Type": "text/html"},
+                    b"<html><body>Service Unavailable</body></html>")
+        if fault == "drop":
+            return None
+        if fault == "slow":
+            time.sleep(5)
+        if fault == "soap_fault":
+            return self._soap_fault("java.lang.NullPointerException (redsys_double fault)")
+        try:
+            envelope = ET.fromstring(body)
+            call = envelope.find("{%s}Body/{%s}consultaOperaciones" % (SOAP_NS, QUERY_NS))
+            cadena = call.find("cadenaXML").text if call is not None and call.find("cadenaXML") is not None else None
+        except ET.ParseError:
+            cadena = None
+        if not cadena:
+            with self._lock:
+                self._stats["errors"] += 1
+            return self._soap_fault("org.xml.sax.SAXException: not a consultaOperaciones call")
+        entry["cadena"] = cadena
+        try:
+            with self._lock:
+                code, merchant, kind, fields = self._check_query(entry, cadena)
+                if fault == "soap_error":
+                    raise SisError(self._faults["code"] or "XML0000")
+                o = self._orders.get((code, fields["Ds_Order"]))
+                ops = list(reversed(o["ops"])) if o else []
+                if kind == "Transaction":
+                    ops = [op for op in ops if op["type"] == fields["Ds_TransactionType"]]
+                if not ops:
+                    raise SisError("XML0024")
+                ops = [dict(op) for op in ops]
+        except SisError as e:
+            with self._lock:
+                self._stats["errors"] += 1
+            return self._soap_answer(self._error_message(e.code))
+        answer = self.query_answer(code, fields["Ds_Order"], ops,
+                                   key=base64.b64encode(secrets.token_bytes(24)).decode()
+                                   if fault == "bad_signature" else None)
+        status, hdrs, payload = self._soap_answer(answer)
+        if fault == "bad_xml":
+            payload = payload[:len(payload) // 2]
+        return (status, hdrs, payload)
+
     # ---------------------------------------------------------- the customer
 
     def _notification_params(self, o, response, amount, ttype, auth):
@@ -628,6 +903,13 @@ class RedsysDouble:
             o["auth"] = auth
             ttype = "F" if o["channel"] == "paygold" else "0"
             params = self._notification_params(o, response, o["amount"], ttype, auth)
+            started = [op for op in o["ops"] if op["state"] != "F" and op["type"] == (o["type"] or "0")]
+            op = started[-1] if started else None
+            if op is None:
+                op = self._new_op(o["type"] or "0", o["amount"], o["currency"], "F", None)
+                o["ops"].append(op)
+            op.update(self._new_op(op["type"], o["amount"], o["currency"], "F", response,
+                                   card="454881******0004", secure="1"))
         delivery = self._notify(o, params, deliver)
         return {"deliveries": [delivery], "order": order, "response": response}
 
@@ -644,8 +926,32 @@ class RedsysDouble:
             o["status"] = "refunded" if o["refunded"] == int(o["amount"]) else "partially_refunded"
             params = self._notification_params(o, "0900", amount, "3",
                                                "%06d" % secrets.randbelow(1000000))
+            o["ops"].append(self._new_op("3", amount, o["currency"], "F", "0900",
+                                         card="454881******0004", secure="0"))
         delivery = self._notify(o, params, deliver)
         return {"deliveries": [delivery], "order": order, "refunded": o["refunded"]}
+
+    def seed_operation(self, order, ttype="0", response="0000", amount=None, currency=None,
+                       state="F", merchant=None, when=None, card=None, secure="0", terminal="1"):
+        """Adds an operation the CRM did not ask for (a different amount or
+        currency, a cancellation...) to an order, which the double then
+        knows (merchant needed for a new one).  when: a datetime, or the
+        (Ds_Date, Ds_Hour) texts.  Returns the operation."""
+        with self._lock:
+            try:
+                o = self._find(order, merchant)
+            except KeyError:
+                if merchant is None:
+                    raise
+                o = self._new_order(merchant, order, {
+                    "DS_MERCHANT_AMOUNT": str(amount or 100), "DS_MERCHANT_CURRENCY": currency or "978",
+                    "DS_MERCHANT_TERMINAL": terminal, "DS_MERCHANT_TRANSACTIONTYPE": ttype}, "seeded")
+                o["ops"] = []
+                self._orders[(merchant, order)] = o
+            op = self._new_op(ttype, amount if amount is not None else o["amount"],
+                              currency or o["currency"], state, response, when, card, secure)
+            o["ops"].append(op)
+            return dict(op)
 
     def _find(self, order, merchant):
         hits = [v for (m, n), v in self._orders.items()
@@ -671,11 +977,17 @@ class RedsysDouble:
                 self.reset()
                 return reply(200, {"ok": True})
             if method == "POST" and path == "/_double/faults":
-                self.set_faults(args.get("mode", "none"), int(args.get("count", 1)))
+                self.set_faults(args.get("mode", "none"), int(args.get("count", 1)),
+                                int(args.get("after", 0)), args.get("code"))
                 return reply(200, {"ok": True})
             if method == "POST" and path == "/_double/pay":
                 return reply(200, self.pay(args["order"], args.get("outcome", "authorised"),
                                            args.get("merchant"), args.get("deliver", True)))
+            if method == "POST" and path == "/_double/seed":
+                return reply(200, self.seed_operation(
+                    args["order"], args.get("type", "0"), args.get("response", "0000"),
+                    args.get("amount"), args.get("currency"), args.get("state", "F"),
+                    args.get("merchant")))
             if method == "POST" and path == "/_double/refund":
                 return reply(200, self.refund(args["order"], args.get("amount"),
                                               args.get("merchant"), args.get("deliver", True)))
