@@ -157,6 +157,7 @@ enum
 {
 	PLAN_INSERT_EVENT,
 	PLAN_MOVE_AND_INSERT_EVENT,
+	PLAN_FIND_BY_LINK,
 	PLAN_FIND_PAYMENT,
 	PLAN_EVENT_APPLIED,
 	PLAN_QUEUE_CAPTURE,
@@ -194,6 +195,19 @@ intake_plan(int which)
 			18, {INT8OID, TEXTOID, TEXTOID, INT8OID, TIMESTAMPTZOID,
 				TEXTOID, TEXTOID, TEXTOID, TEXTOID, INT8OID, TEXTOID, TEXTOID, TEXTOID, TEXTOID,
 			INT4OID, JSONBOID, TEXTOID, TEXTOID}
+		},
+		/*
+		 * The common case of PLAN_FIND_PAYMENT: the event names the link
+		 * (the gateway's id of the payment page or order) and it is ours.
+		 */
+		[PLAN_FIND_BY_LINK] = {
+			"SELECT EXISTS (SELECT 1 FROM crmpay.events e WHERE e.account = $1"
+			"                 AND e.event_key = $5 AND e.outcome = 'applied') AS applied,"
+			"       p.id, p.status, p.amount_minor, p.currency, p.refunded_minor"
+			"  FROM crmpay.payments p"
+			" WHERE p.account = $1 AND p.gateway_ref = $2"
+			" LIMIT 1 FOR UPDATE OF p",
+			5, {TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID}
 		},
 		/*
 		 * Was this event applied already, and which payment is it about (by
@@ -377,8 +391,17 @@ apply_event(const char *account, const CrmpayWebhookEvent *event, const char **r
 	values[3] = crmpay_text_param(event->order_ref, &nulls[3]);
 	values[4] = CStringGetTextDatum(event->event_key);
 	nulls[4] = ' ';
-	spi_run(PLAN_FIND_PAYMENT, values, nulls, SPI_OK_SELECT);
-	found = (SPI_processed > 0);
+	found = false;
+	if (event->gateway_ref != NULL)
+	{
+		spi_run(PLAN_FIND_BY_LINK, values, nulls, SPI_OK_SELECT);
+		found = (SPI_processed > 0);
+	}
+	if (!found)
+	{
+		spi_run(PLAN_FIND_PAYMENT, values, nulls, SPI_OK_SELECT);
+		found = (SPI_processed > 0);
+	}
 	if (found)
 	{
 		row = SPI_tuptable->vals[0];

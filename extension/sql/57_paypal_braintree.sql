@@ -43,7 +43,6 @@ CREATE TRIGGER accounts_drop_oauth_token
  */
 CREATE DOMAIN crmpay.event_follow_up AS text CHECK (VALUE IN ('capture'));
 ALTER TABLE crmpay.events ADD COLUMN follow_up crmpay.event_follow_up;
-CREATE INDEX events_follow_up ON crmpay.events (id) WHERE follow_up IS NOT NULL;
 
 /*
  * _gateway_capture: one capture call (extension/provider.c) with the
