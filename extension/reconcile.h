@@ -14,6 +14,9 @@
 typedef struct CrmpayCurrencyTable CrmpayCurrencyTable;
 
 extern CrmpayCurrencyTable *crmpay_load_currencies(MemoryContext cxt);
+struct pg_tz;
+extern bool crmpay_local_timestamp(int y, int mo, int d, int h, int mi, int s,
+								   struct pg_tz *tz, TimestampTz *result);
 extern const char *crmpay_report_format(const char *format, const char *provider);
 extern int	crmpay_read_report(const char *format, const CrmpayAccount *account,
 							   const char *content, size_t len,

@@ -59,6 +59,7 @@
 #include "utils/fmgrprotos.h"
 
 #include "codec.h"
+#include "reconcile.h"
 
 #define REDSYS_SIGNATURE_VERSION	"HMAC_SHA256_V1"
 #define REDSYS_KEY_LEN				24	/* 3DES (EDE3) key */
@@ -1978,7 +1979,6 @@ redsys_query_time(const CrmpayAccount *account, const char *date, const char *ho
 {
 	const char *zone = crmpay_setting(account, "report_timezone");
 	pg_tz	   *tz;
-	struct pg_tm tm;
 	int			y,
 				mo,
 				d,
@@ -1986,7 +1986,6 @@ redsys_query_time(const CrmpayAccount *account, const char *date, const char *ho
 				mi = 0,
 				s = 0;
 	char		tail;
-	int			tzoff;
 	TimestampTz result;
 
 	if (date == NULL)
@@ -1998,21 +1997,8 @@ redsys_query_time(const CrmpayAccount *account, const char *date, const char *ho
 		sscanf(hour, "%2d:%2d:%2d%c", &h, &mi, &s, &tail) != 3 &&
 		(s = 0, sscanf(hour, "%2d:%2d%c", &h, &mi, &tail) != 2))
 		return 0;
-	if (y < 1990 || y > 9999 || mo < 1 || mo > 12 || d < 1 || d > day_tab[isleap(y)][mo - 1] ||
-		h < 0 || h > 23 || mi < 0 || mi > 59 || s < 0 || s > 59)
-		return 0;
 	tz = pg_tzset(zone ? zone : "Europe/Madrid");
-	if (tz == NULL)
-		return 0;
-	memset(&tm, 0, sizeof(tm));
-	tm.tm_year = y;
-	tm.tm_mon = mo;
-	tm.tm_mday = d;
-	tm.tm_hour = h;
-	tm.tm_min = mi;
-	tm.tm_sec = s;
-	tzoff = DetermineTimeZoneOffset(&tm, tz);
-	if (tm2timestamp(&tm, 0, &tzoff, &result) != 0)
+	if (tz == NULL || !crmpay_local_timestamp(y, mo, d, h, mi, s, tz, &result))
 		return 0;
 	return result;
 }

@@ -484,6 +484,25 @@ valid_tm(int y, int mo, int d, int h, int mi, int s, struct pg_tm *tm)
 	return true;
 }
 
+/*
+ * crmpay_local_timestamp
+ *		The instant of a wall-clock date and time in zone tz (Redsys gives its
+ *		times in Spanish local time); false if it is not a real date and time
+ *		or is out of range.
+ */
+bool
+crmpay_local_timestamp(int y, int mo, int d, int h, int mi, int s, pg_tz *tz,
+					   TimestampTz *result)
+{
+	struct pg_tm tm;
+	int			tzoff;
+
+	if (!valid_tm(y, mo, d, h, mi, s, &tm) || h < 0 || mi < 0 || s < 0)
+		return false;
+	tzoff = DetermineTimeZoneOffset(&tm, tz);
+	return tm2timestamp(&tm, 0, &tzoff, result) == 0;
+}
+
 /* Reads exactly n digits at *p. */
 static bool
 digits(const char **p, int n, int *out)

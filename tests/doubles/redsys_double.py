@@ -592,15 +592,19 @@ class RedsysDouble:
                 "<!--%s:--></body></html>" % (html.escape(text), code, code))
         return (200, {"Content-Type": "text/html; charset=utf-8"}, page.encode())
 
+    @staticmethod
+    def _transport_fault(fault):
+        """What the wire shows for a 500/503 fault (an HTML page), or None to drop the connection."""
+        if fault == "drop":
+            return None
+        return (int(fault), {"Content-Type": "text/html"}, b"<html><body>Service Unavailable</body></html>")
+
     def _rest(self, entry, headers, body):
         with self._lock:
             self._stats["rest"] += 1
         fault = self._take_fault()
-        if fault in ("500", "503"):
-            return (int(fault), {"Content-Type": "text/html"},
-                    b"<html><body>Service Unavailable</body></html>")
-        if fault == "drop":
-            return None
+        if fault in ("500", "503", "drop"):
+            return self._transport_fault(fault)
         if fault == "slow":
             time.sleep(5)
         try:
@@ -800,11 +804,8 @@ class RedsysDouble:
         with self._lock:
             self._stats["queries"] += 1
         fault = self._take_fault()
-        if fault in ("500", "503"):
-            return (int(fault), {"Content-Type": "text/html"},
-                    b"<html><body>Service Unavailable</body></html>")
-        if fault == "drop":
-            return None
+        if fault in ("500", "503", "drop"):
+            return self._transport_fault(fault)
         if fault == "slow":
             time.sleep(5)
         if fault == "soap_fault":
