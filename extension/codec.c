@@ -332,43 +332,6 @@ crmpay_kv_next(const char *src, size_t len, char sep, size_t *pos,
 	return false;
 }
 
-int
-crmpay_json_nesting_depth(const char *src, size_t len)
-{
-	int			depth = 0;
-	int			max_depth = 0;
-	bool		in_string = false;
-	size_t		i;
-
-	for (i = 0; i < len; i++)
-	{
-		char		c = src[i];
-
-		if (in_string)
-		{
-			if (c == '\\')
-				i++;			/* skip the escaped character */
-			else if (c == '"')
-				in_string = false;
-			continue;
-		}
-		if (c == '"')
-			in_string = true;
-		else if (c == '{' || c == '[')
-		{
-			depth++;
-			if (depth > max_depth)
-				max_depth = depth;
-		}
-		else if (c == '}' || c == ']')
-		{
-			if (--depth < 0)
-				return -1;
-		}
-	}
-	return (depth == 0 && !in_string) ? max_depth : -1;
-}
-
 bool
 crmpay_parse_int64(const char *src, size_t len, int64_t *out)
 {

@@ -68,13 +68,6 @@ typedef struct CrmpayKVItem
 extern bool crmpay_kv_next(const char *src, size_t len, char sep,
 						   size_t *pos, CrmpayKVItem *item);
 
-/*
- * Returns the deepest object/array nesting of a JSON text, ignoring
- * brackets inside strings, or -1 when brackets do not balance.  Used to
- * refuse hostile nesting before the server's recursive parser sees it.
- */
-extern int	crmpay_json_nesting_depth(const char *src, size_t len);
-
 /* Parses a non-negative decimal integer that fits in int64; false otherwise. */
 extern bool crmpay_parse_int64(const char *src, size_t len, int64_t *out);
 

@@ -1,8 +1,7 @@
 /*-------------------------------------------------------------------------
  *
  * json.c
- *	  A small JSON tree built with the server's JSON lexer/parser
- *	  (pg_parse_json), for reading gateway answers and webhook bodies.
+ *	  A small JSON tree reader for gateway answers and webhook bodies.
  *
  *	  Unlike jsonb_in, this never raises an ERROR on bad input: malformed
  *	  JSON, "\u0000" and hostile nesting come back as an error string, so a
@@ -35,34 +34,75 @@
 #ifdef FRONTEND
 #define JSON_ENCODING PG_UTF8
 #define TEXT_IS_VALID(t, n) (pg_encoding_verifymbstr(PG_UTF8, (t), (n)) == (n))
-#define JSON_ERROR_TEXT(rc, lex) "invalid JSON"
 #ifndef MaxAllocSize
 #define MaxAllocSize ((size_t) 0x3fffffff)
 #endif
 #else
 #define JSON_ENCODING GetDatabaseEncoding()
 #define TEXT_IS_VALID(t, n) pg_verifymbstr((t), (n), true)
-#define JSON_ERROR_TEXT(rc, lex) json_errdetail((rc), (lex))
 #endif
 
-typedef struct JsonBuildState
+/*
+ * The reader: a recursive-descent parser of RFC 8259 JSON, accepting
+ * exactly what the server's JSON lexer accepts (json_lex in
+ * src/common/jsonapi.c: the same grammar, the same escapes, no "\u0000",
+ * surrogates only in pairs, in a database that is not UTF-8 no \u escape
+ * above 007F), but never raising and nested at most CRMPAY_MAX_JSON_DEPTH
+ * deep.  It replaces pg_parse_json here because it copies each string in
+ * one piece (the server's lexer appends de-escaped strings a character at
+ * a time) and needs no separate pass to bound the nesting: webhook bodies
+ * are parsed on the intake's hot path.  tests/fuzz/fuzz_json.c checks it
+ * against pg_parse_json.
+ */
+typedef struct JsonReader
 {
-	CrmpayJson *root;
-	CrmpayJson *current;		/* innermost open object/array */
-	char	   *pending_key;	/* key of the next object member */
-} JsonBuildState;
+	const char *start;
+	const char *p;
+	const char *end;
+	bool		utf8;			/* database encoding is UTF-8 */
+	const char *error;
+} JsonReader;
 
-static void
-json_attach(JsonBuildState *state, CrmpayJson *node)
+static CrmpayJson *read_value(JsonReader *r, int depth);
+
+/* What the server's lexer reads as part of a word (JSON_ALPHANUMERIC_CHAR). */
+#define WORD_CHAR(c) (((c) >= 'a' && (c) <= 'z') || ((c) >= 'A' && (c) <= 'Z') || \
+					  ((c) >= '0' && (c) <= '9') || (c) == '_' || IS_HIGHBIT_SET(c))
+
+static CrmpayJson *
+json_fail(JsonReader *r, const char *what)
 {
-	CrmpayJson *parent = state->current;
-
-	node->parent = parent;
-	if (parent == NULL)
+	if (r->error == NULL)
 	{
-		state->root = node;
-		return;
+		if (r->p >= r->end)
+			r->error = psprintf("%s: the input ended unexpectedly", what);
+		else
+			r->error = psprintf("%s at byte %d", what, (int) (r->p - r->start));
 	}
+	return NULL;
+}
+
+static inline void
+skip_ws(JsonReader *r)
+{
+	while (r->p < r->end && (*r->p == ' ' || *r->p == '\n' || *r->p == '\r' || *r->p == '\t'))
+		r->p++;
+}
+
+static CrmpayJson *
+new_node(CrmpayJsonKind kind, CrmpayJson *parent)
+{
+	CrmpayJson *node = palloc0(sizeof(CrmpayJson));
+
+	node->kind = kind;
+	node->parent = parent;
+	return node;
+}
+
+/* Adds item (and key, for objects) to a container, growing it by doubling. */
+static void
+add_member(CrmpayJson *parent, char *key, CrmpayJson *item)
+{
 	if (parent->count == parent->capacity)
 	{
 		int			newcap = parent->capacity ? parent->capacity * 2 : 8;
@@ -82,80 +122,350 @@ json_attach(JsonBuildState *state, CrmpayJson *node)
 		parent->capacity = newcap;
 	}
 	if (parent->kind == CRMPAY_JSON_OBJECT)
-		parent->keys[parent->count] = state->pending_key;
-	parent->items[parent->count++] = node;
+		parent->keys[parent->count] = key;
+	item->parent = parent;
+	parent->items[parent->count++] = item;
 }
 
-static CrmpayJson *
-json_new_node(CrmpayJsonKind kind)
+/* Four hex digits at p; -1 if they are not. */
+static int
+hex4(const char *p)
 {
-	CrmpayJson *node = palloc0(sizeof(CrmpayJson));
+	int			v = 0;
 
-	node->kind = kind;
+	for (int i = 0; i < 4; i++)
+	{
+		char		c = p[i];
+
+		v <<= 4;
+		if (c >= '0' && c <= '9')
+			v |= c - '0';
+		else if (c >= 'a' && c <= 'f')
+			v |= c - 'a' + 10;
+		else if (c >= 'A' && c <= 'F')
+			v |= c - 'A' + 10;
+		else
+			return -1;
+	}
+	return v;
+}
+
+/* Writes code point c as UTF-8 at out; returns the number of bytes. */
+static int
+put_utf8(unsigned int c, char *out)
+{
+	if (c < 0x80)
+	{
+		out[0] = (char) c;
+		return 1;
+	}
+	if (c < 0x800)
+	{
+		out[0] = (char) (0xC0 | (c >> 6));
+		out[1] = (char) (0x80 | (c & 0x3F));
+		return 2;
+	}
+	if (c < 0x10000)
+	{
+		out[0] = (char) (0xE0 | (c >> 12));
+		out[1] = (char) (0x80 | ((c >> 6) & 0x3F));
+		out[2] = (char) (0x80 | (c & 0x3F));
+		return 3;
+	}
+	out[0] = (char) (0xF0 | (c >> 18));
+	out[1] = (char) (0x80 | ((c >> 12) & 0x3F));
+	out[2] = (char) (0x80 | ((c >> 6) & 0x3F));
+	out[3] = (char) (0x80 | (c & 0x3F));
+	return 4;
+}
+
+/*
+ * read_string
+ *		The string starting at the opening quote, de-escaped into a palloc'd
+ *		copy (which is never longer than the escaped text).  NULL on error.
+ */
+static char *
+read_string(JsonReader *r)
+{
+	const char *q = ++r->p;		/* after the opening quote */
+	bool		escaped = false;
+	char	   *out;
+	char	   *w;
+
+	/* find the closing quote: the common string has no escape */
+	while (q < r->end && *q != '"')
+	{
+		if ((unsigned char) *q < 0x20)
+		{
+			r->p = q;
+			return (char *) json_fail(r, "control character in a string (it must be escaped)");
+		}
+		if (*q == '\\')
+		{
+			escaped = true;
+			if (++q >= r->end)
+				break;
+		}
+		q++;
+	}
+	if (q >= r->end)
+	{
+		r->p = r->end;
+		return (char *) json_fail(r, "unterminated string");
+	}
+	if (!escaped)
+	{
+		out = pnstrdup(r->p, q - r->p);
+		r->p = q + 1;
+		return out;
+	}
+
+	out = w = palloc(q - r->p + 1);
+	while (r->p < q)
+	{
+		char		c = *r->p;
+		int			code;
+
+		if (c != '\\')
+		{
+			*w++ = c;
+			r->p++;
+			continue;
+		}
+		c = r->p[1];
+		switch (c)
+		{
+			case '"':
+			case '\\':
+			case '/':
+				*w++ = c;
+				break;
+			case 'b':
+				*w++ = '\b';
+				break;
+			case 'f':
+				*w++ = '\f';
+				break;
+			case 'n':
+				*w++ = '\n';
+				break;
+			case 'r':
+				*w++ = '\r';
+				break;
+			case 't':
+				*w++ = '\t';
+				break;
+			case 'u':
+				if (q - r->p < 6 || (code = hex4(r->p + 2)) < 0)
+					return (char *) json_fail(r, "\\u must be followed by four hexadecimal digits");
+				if (code == 0)
+					return (char *) json_fail(r, "\\u0000 cannot be converted to text");
+				if (code >= 0xDC00 && code <= 0xDFFF)
+					return (char *) json_fail(r, "Unicode low surrogate must follow a high surrogate");
+				if (code >= 0xD800 && code <= 0xDBFF)
+				{
+					int			low;
+
+					if (q - r->p < 12 || r->p[6] != '\\' || r->p[7] != 'u' ||
+						(low = hex4(r->p + 8)) < 0xDC00 || low > 0xDFFF)
+						return (char *) json_fail(r, "Unicode high surrogate must be followed by a low surrogate");
+					code = 0x10000 + ((code - 0xD800) << 10) + (low - 0xDC00);
+					r->p += 6;
+				}
+				if (code > 0x7F && !r->utf8)
+					return (char *) json_fail(r, "Unicode escape values cannot be used for code point values above 007F when the encoding is not UTF8");
+				w += put_utf8((unsigned int) code, w);
+				r->p += 6;
+				continue;
+			default:
+				r->p++;
+				return (char *) json_fail(r, "invalid escape sequence in a string");
+		}
+		r->p += 2;
+	}
+	*w = '\0';
+	r->p = q + 1;
+	return out;
+}
+
+/* A number, as the server's lexer reads it: -?(0|[1-9][0-9]*)(.[0-9]+)?([eE][+-]?[0-9]+)? */
+static CrmpayJson *
+read_number(JsonReader *r, CrmpayJson *parent)
+{
+	const char *q = r->p;
+	CrmpayJson *node;
+
+	if (q < r->end && *q == '-')
+		q++;
+	if (q < r->end && *q == '0')
+		q++;
+	else if (q < r->end && *q >= '1' && *q <= '9')
+		while (q < r->end && *q >= '0' && *q <= '9')
+			q++;
+	else
+	{
+		r->p = q;
+		return json_fail(r, "invalid number");
+	}
+	if (q < r->end && *q == '.')
+	{
+		if (++q >= r->end || *q < '0' || *q > '9')
+		{
+			r->p = q;
+			return json_fail(r, "invalid number");
+		}
+		while (q < r->end && *q >= '0' && *q <= '9')
+			q++;
+	}
+	if (q < r->end && (*q == 'e' || *q == 'E'))
+	{
+		q++;
+		if (q < r->end && (*q == '+' || *q == '-'))
+			q++;
+		if (q >= r->end || *q < '0' || *q > '9')
+		{
+			r->p = q;
+			return json_fail(r, "invalid number");
+		}
+		while (q < r->end && *q >= '0' && *q <= '9')
+			q++;
+	}
+	/* like the server's lexer: a number runs into no letter, digit or '_' */
+	if (q < r->end && WORD_CHAR(*q))
+	{
+		r->p = q;
+		return json_fail(r, "invalid token");
+	}
+	node = new_node(CRMPAY_JSON_NUMBER, parent);
+	node->text = pnstrdup(r->p, q - r->p);
+	r->p = q;
 	return node;
 }
 
-static void
-json_container_start(void *arg, CrmpayJsonKind kind)
+/* true, false or null, not running into another word character. */
+static CrmpayJson *
+read_literal(JsonReader *r, CrmpayJson *parent)
 {
-	JsonBuildState *state = arg;
-	CrmpayJson *node = json_new_node(kind);
+	static const struct
+	{
+		const char *word;
+		size_t		len;
+		CrmpayJsonKind kind;
+	}			literals[] = {
+		{"true", 4, CRMPAY_JSON_BOOL},
+		{"false", 5, CRMPAY_JSON_BOOL},
+		{"null", 4, CRMPAY_JSON_NULL},
+	};
 
-	json_attach(state, node);
-	state->current = node;
+	for (int i = 0; i < lengthof(literals); i++)
+	{
+		size_t		n = literals[i].len;
+		CrmpayJson *node;
+
+		if ((size_t) (r->end - r->p) < n || memcmp(r->p, literals[i].word, n) != 0)
+			continue;
+		if (r->p + n < r->end && WORD_CHAR(r->p[n]))
+			break;
+		node = new_node(literals[i].kind, parent);
+		node->text = pstrdup(literals[i].word);
+		r->p += n;
+		return node;
+	}
+	return json_fail(r, "invalid token");
 }
 
-static void
-json_object_start(void *arg)
+/* An object or an array, starting at its bracket. */
+static CrmpayJson *
+read_container(JsonReader *r, int depth, CrmpayJson *parent)
 {
-	json_container_start(arg, CRMPAY_JSON_OBJECT);
-}
-
-static void
-json_array_start(void *arg)
-{
-	json_container_start(arg, CRMPAY_JSON_ARRAY);
-}
-
-static void
-json_container_end(void *arg)
-{
-	JsonBuildState *state = arg;
-
-	state->current = state->current->parent;
-}
-
-static void
-json_field_start(void *arg, char *fname, bool isnull)
-{
-	((JsonBuildState *) arg)->pending_key = fname;
-}
-
-static void
-json_scalar(void *arg, char *token, JsonTokenType tokentype)
-{
-	CrmpayJsonKind kind;
+	bool		object = (*r->p == '{');
+	char		close = object ? '}' : ']';
 	CrmpayJson *node;
 
-	switch (tokentype)
+	if (depth > CRMPAY_MAX_JSON_DEPTH)
 	{
-		case JSON_TOKEN_STRING:
-			kind = CRMPAY_JSON_STRING;
-			break;
-		case JSON_TOKEN_NUMBER:
-			kind = CRMPAY_JSON_NUMBER;
-			break;
-		case JSON_TOKEN_TRUE:
-		case JSON_TOKEN_FALSE:
-			kind = CRMPAY_JSON_BOOL;
-			break;
-		default:
-			kind = CRMPAY_JSON_NULL;
-			break;
+		r->error = "JSON nested too deeply";
+		return NULL;
 	}
-	node = json_new_node(kind);
-	node->text = token;
-	json_attach((JsonBuildState *) arg, node);
+	node = new_node(object ? CRMPAY_JSON_OBJECT : CRMPAY_JSON_ARRAY, parent);
+	r->p++;
+	skip_ws(r);
+	if (r->p < r->end && *r->p == close)
+	{
+		r->p++;
+		return node;
+	}
+	for (;;)
+	{
+		char	   *key = NULL;
+		CrmpayJson *item;
+
+		if (object)
+		{
+			if (r->p >= r->end || *r->p != '"')
+				return json_fail(r, "expected a string key");
+			if ((key = read_string(r)) == NULL)
+				return NULL;
+			skip_ws(r);
+			if (r->p >= r->end || *r->p != ':')
+				return json_fail(r, "expected ':'");
+			r->p++;
+			skip_ws(r);
+		}
+		if ((item = read_value(r, depth + 1)) == NULL)
+			return NULL;
+		add_member(node, key, item);
+		skip_ws(r);
+		if (r->p < r->end && *r->p == ',')
+		{
+			r->p++;
+			skip_ws(r);
+			continue;
+		}
+		if (r->p < r->end && *r->p == close)
+		{
+			r->p++;
+			return node;
+		}
+		return json_fail(r, object ? "expected ',' or '}'" : "expected ',' or ']'");
+	}
+}
+
+/* Any value at r->p (no leading whitespace). */
+static CrmpayJson *
+read_value(JsonReader *r, int depth)
+{
+	CrmpayJson *node;
+	char	   *text;
+
+	if (r->p >= r->end)
+		return json_fail(r, "expected a value");
+	switch (*r->p)
+	{
+		case '{':
+		case '[':
+			return read_container(r, depth, NULL);
+		case '"':
+			if ((text = read_string(r)) == NULL)
+				return NULL;
+			node = new_node(CRMPAY_JSON_STRING, NULL);
+			node->text = text;
+			return node;
+		case '-':
+		case '0':
+		case '1':
+		case '2':
+		case '3':
+		case '4':
+		case '5':
+		case '6':
+		case '7':
+		case '8':
+		case '9':
+			return read_number(r, NULL);
+		default:
+			return read_literal(r, NULL);
+	}
 }
 
 /*
@@ -168,12 +478,8 @@ json_scalar(void *arg, char *token, JsonTokenType tokentype)
 CrmpayJson *
 crmpay_json_parse(const char *text, size_t len, const char **error)
 {
-	JsonBuildState state = {0};
-	JsonSemAction sem = {0};
-	JsonLexContext *lex;
-	JsonParseErrorType rc;
-	char	   *copy;
-	int			depth;
+	JsonReader	r;
+	CrmpayJson *root;
 
 	*error = NULL;
 	if (len > MaxAllocSize - 1)
@@ -181,46 +487,32 @@ crmpay_json_parse(const char *text, size_t len, const char **error)
 		*error = "JSON text too large";
 		return NULL;
 	}
-	depth = crmpay_json_nesting_depth(text, len);
-	if (depth < 0)
-	{
-		*error = "JSON brackets do not balance";
-		return NULL;
-	}
-	if (depth > CRMPAY_MAX_JSON_DEPTH)
-	{
-		*error = "JSON nested too deeply";
-		return NULL;
-	}
 	if (memchr(text, '\0', len) != NULL)
 	{
 		*error = "JSON text contains a NUL byte";
 		return NULL;
 	}
-
 	if (!TEXT_IS_VALID(text, (int) len))
 	{
 		*error = "JSON text is not valid in the database encoding";
 		return NULL;
 	}
 
-	copy = pnstrdup(text, len);
-	lex = makeJsonLexContextCstringLen(copy, (int) len, JSON_ENCODING, true);
-
-	sem.semstate = &state;
-	sem.object_start = json_object_start;
-	sem.object_end = json_container_end;
-	sem.array_start = json_array_start;
-	sem.array_end = json_container_end;
-	sem.object_field_start = json_field_start;
-	sem.scalar = json_scalar;
-
-	rc = pg_parse_json(lex, &sem);
-	if (rc != JSON_SUCCESS)
-		*error = JSON_ERROR_TEXT(rc, lex);
-	if (rc != JSON_SUCCESS)
-		return NULL;
-	return state.root;
+	r.start = r.p = text;
+	r.end = text + len;
+	r.utf8 = (JSON_ENCODING == PG_UTF8);
+	r.error = NULL;
+	skip_ws(&r);
+	root = read_value(&r, 1);
+	if (root != NULL)
+	{
+		skip_ws(&r);
+		if (r.p < r.end)
+			root = json_fail(&r, "unexpected text after the JSON value");
+	}
+	if (root == NULL)
+		*error = r.error ? r.error : "invalid JSON";
+	return root;
 }
 
 /* Returns the member named key of an object (the last one if repeated). */

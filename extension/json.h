@@ -9,7 +9,7 @@
 #ifndef CRMPAY_JSON_H
 #define CRMPAY_JSON_H
 
-/* Largest JSON nesting we hand to the server's recursive JSON parser. */
+/* Deepest object/array nesting crmpay_json_parse accepts. */
 #define CRMPAY_MAX_JSON_DEPTH 64
 
 typedef enum CrmpayJsonKind

@@ -795,13 +795,36 @@ def test_adversarial_deliveries_match_the_model(db):
     assert count(db, "SELECT count(*) FROM crmpay.events WHERE outcome = 'applied'") == applied_by_crmpay
 
 
+def max_nesting(text):
+    """Deepest bracket nesting outside strings (as a parser would count it)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
+
+
 def test_scanner_accepts_exactly_the_json_crmpay_parses(db):
     """Adyen bodies are read by a single-pass scanner (the hot path of
     verification); it must accept exactly the JSON texts that crmpay's
-    general parser (the server's JSON lexer, used for every other gateway)
-    accepts.  Differential check over seeded mutations of tricky JSON: the
-    reference verdict is whether a Stripe delivery with the same body is
-    refused as malformed JSON."""
+    general parser (json.c, used for every other gateway) accepts, and
+    both exactly what the server's own JSON parser accepts (jsonb input),
+    up to crmpay's nesting limit of 64.  Differential check over seeded
+    mutations of tricky JSON: crmpay's verdict is whether a Stripe delivery
+    with the same body is refused as malformed JSON."""
     rng = random.Random(77)
     stripe_secret = "whsec_scanner_differential"
     db.execute("""SELECT crmpay.add_account('st', 'stripe', '{"secret_key": "sk_test_scan"}', %s,
@@ -839,15 +862,19 @@ def test_scanner_accepts_exactly_the_json_crmpay_parses(db):
         binascii.unhexlify(HMAC_KEY), b.encode(), hashlib.sha256).digest()).decode()}) for b in bodies]
     db.execute("""SELECT crmpay.add_account('ad', 'adyen', '{"api_key": "AQE_scan_0123"}', %s,
                   '{"merchant_account": "ShopECOM", "return_url": "https://shop.example/paid"}')""", (HMAC_KEY,))
+    db.execute("""CREATE FUNCTION pg_temp.is_jsonb(t text) RETURNS boolean LANGUAGE plpgsql AS $$
+                  BEGIN PERFORM t::jsonb; RETURN true; EXCEPTION WHEN others THEN RETURN false; END $$""")
     rows = db.execute("""
         SELECT n, (SELECT reply FROM crmpay.receive_webhook('ad', ah::jsonb, b) LIMIT 1),
-               (SELECT reply FROM crmpay.receive_webhook('st', sh::jsonb, b))
+               (SELECT reply FROM crmpay.receive_webhook('st', sh::jsonb, b)), pg_temp.is_jsonb(b)
           FROM unnest(%s::text[], %s::text[], %s::text[]) WITH ORDINALITY AS t(b, sh, ah, n) ORDER BY n""",
                       (bodies, stripe_headers, adyen_headers)).fetchall()
     valid = 0
-    for n, adyen_reply, stripe_reply in rows:
+    for n, adyen_reply, stripe_reply, server_accepts in rows:
+        body = bodies[n - 1]
         parsed = not stripe_reply.startswith("malformed JSON")
         assert adyen_reply is not None and stripe_reply is not None
-        assert (not adyen_reply.startswith("malformed JSON")) == parsed, (bodies[n - 1], adyen_reply, stripe_reply)
+        assert (not adyen_reply.startswith("malformed JSON")) == parsed, (body, adyen_reply, stripe_reply)
+        assert parsed == (server_accepts and max_nesting(body) <= 64), (body, stripe_reply, server_accepts)
         valid += parsed
     assert 200 < valid < len(bodies) - 200     # both kinds are well represented
