@@ -133,8 +133,8 @@ record_type_of(text *t)
 
 /*
  * One order: everything its records and payment say.  Kept small (one
- * exists per order: a million of them for a million orders) and carved
- * from an arena with its strings, not palloc'd piece by piece.
+ * exists per order: a million of them for a million orders); it lives in
+ * the hash table's entry, next to its key, and its strings in the arena.
  */
 typedef struct ReconState
 {
@@ -375,7 +375,7 @@ quiet(const ReconState *st)
 #define KEY_INLINE 28			/* longer keys live in the arena */
 #define CHUNK_BITS 8			/* 256 entries (48 kB) per chunk */
 #define CHUNK_ENTRIES (1 << CHUNK_BITS)
-#define MAX_PASSES 256
+#define MAX_PASSES 256			/* beyond that, the limit gives way */
 
 typedef struct ReconEntry
 {
@@ -880,8 +880,7 @@ crmpay_recon_candidates(PG_FUNCTION_ARGS)
 {
 	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
 	const char *match_on = text_to_cstring(PG_GETARG_TEXT_PP(6));
-	const char *payments_sql;
-	const char *const sql[3] = {run_records_sql, report_records_sql, NULL};
+	const char *sql[3] = {run_records_sql, report_records_sql, NULL};
 	Oid			argtypes[4] = {INT8OID, TEXTOID, TIMESTAMPTZOID, TIMESTAMPTZOID};
 	SPIPlanPtr	plans[3];
 	ParamListInfo params;
@@ -891,11 +890,11 @@ crmpay_recon_candidates(PG_FUNCTION_ARGS)
 	int			q;
 
 	if (strcmp(match_on, "order_ref") == 0)
-		payments_sql = PAYMENTS_SQL("order_ref");
+		sql[2] = PAYMENTS_SQL("order_ref");
 	else if (strcmp(match_on, "gateway_ref") == 0)
-		payments_sql = PAYMENTS_SQL("gateway_ref");
+		sql[2] = PAYMENTS_SQL("gateway_ref");
 	else if (strcmp(match_on, "gateway_payment_ref") == 0)
-		payments_sql = PAYMENTS_SQL("gateway_payment_ref");
+		sql[2] = PAYMENTS_SQL("gateway_payment_ref");
 	else
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
@@ -938,11 +937,16 @@ crmpay_recon_candidates(PG_FUNCTION_ARGS)
 	options.read_only = true;	/* every pass under the caller's snapshot */
 	options.dest = (DestReceiver *) &receiver;
 
-	SPI_connect();
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "crmpay: SPI_connect failed");
 	for (q = 0; q < 3; q++)
 	{
-		/* not parallel: rows of an order are folded in scan order */
-		plans[q] = SPI_prepare_cursor(q < 2 ? sql[q] : payments_sql, 4, argtypes, 0);
+		/*
+		 * Planned for these parameter values (a window of a day and one of
+		 * a month are best read differently), as EXECUTE ... USING would;
+		 * never parallel: an order's rows are folded in scan order.
+		 */
+		plans[q] = SPI_prepare_cursor(sql[q], 4, argtypes, CURSOR_OPT_CUSTOM_PLAN);
 		if (plans[q] == NULL)
 			elog(ERROR, "crmpay: SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
 	}
@@ -986,7 +990,10 @@ crmpay_recon_candidates(PG_FUNCTION_ARGS)
 			break;
 		elog(DEBUG1, "crmpay: reconciliation matching needs more than %zu kB; starting again in %d passes",
 			 ms.mem_limit / 1024, Min(ms.npasses * 4, MAX_PASSES));
-		/* start again with the keys shared out over more passes */
+		/*
+		 * Start again, the keys shared out over four times as many passes
+		 * (how many orders the window has is only known at the end).
+		 */
 		tuplestore_clear(rsinfo->setResult);
 		ms.npasses = Min(ms.npasses * 4, MAX_PASSES);
 	}
