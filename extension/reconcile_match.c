@@ -988,14 +988,16 @@ crmpay_recon_candidates(PG_FUNCTION_ARGS)
 		}
 		if (!ms.overflow)
 			break;
-		elog(DEBUG1, "crmpay: reconciliation matching needs more than %zu kB; starting again in %d passes",
-			 ms.mem_limit / 1024, Min(ms.npasses * 4, MAX_PASSES));
 		/*
-		 * Start again, the keys shared out over four times as many passes
-		 * (how many orders the window has is only known at the end).
+		 * Start again, the keys shared out over twice as many passes (how
+		 * many orders the window has is only known at the end): at most
+		 * twice the passes needed, and less than two passes' worth of
+		 * reading lost on the way.
 		 */
+		elog(DEBUG1, "crmpay: reconciliation matching needs more than %zu kB; starting again in %d passes",
+			 ms.mem_limit / 1024, Min(ms.npasses * 2, MAX_PASSES));
 		tuplestore_clear(rsinfo->setResult);
-		ms.npasses = Min(ms.npasses * 4, MAX_PASSES);
+		ms.npasses = Min(ms.npasses * 2, MAX_PASSES);
 	}
 	elog(DEBUG1, "crmpay: reconciliation matching done in %d pass%s", ms.npasses, ms.npasses > 1 ? "es" : "");
 	SPI_finish();
