@@ -6,8 +6,10 @@
  *	  operations (provider.h), and importing report files (reports.c), into
  *	  crmpay.gateway_records; live progress in shared memory; the
  *	  step-by-step runner that commits between gateway calls (CALL
- *	  crmpay.reconcile_in_steps, and the background worker).  Matching and
- *	  healing are set-based SQL (extension/sql/80_reconcile.sql).
+ *	  crmpay.reconcile_in_steps, and the background worker).  Matching is
+ *	  set-based (one hash table over both sides, reconcile_match.c, and SQL
+ *	  for the few orders it flags) and healing SQL
+ *	  (extension/sql/80_reconcile.sql).
  *
  *	  Three ways to run the same driver:
  *	  - crmpay.reconcile(): everything in the caller's transaction
@@ -87,7 +89,10 @@ crmpay_reconcile_define_gucs(void)
 							PGC_USERSET, GUC_UNIT_S, NULL, NULL, NULL);
 	DefineCustomIntVariable("crmpay.reconcile_work_mem",
 							gettext_noop("work_mem for the set-based matching of a reconciliation run."),
-							NULL, &reconcile_work_mem_kb, 256 * 1024, 64, MAX_KILOBYTES,
+							gettext_noop("Its hash table of the window's orders may use hash_mem_multiplier times this, "
+										 "as a hash join would; a window whose orders do not fit is matched in "
+										 "several passes over the data."),
+							&reconcile_work_mem_kb, 256 * 1024, 64, MAX_KILOBYTES,
 							PGC_USERSET, GUC_UNIT_KB, NULL, NULL, NULL);
 	DefineCustomIntVariable("crmpay.reconcile_max_pages",
 							gettext_noop("Most gateway requests one reconciliation run makes."),

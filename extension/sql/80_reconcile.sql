@@ -249,32 +249,17 @@ CREATE TYPE crmpay._recon_key AS (
 );
 
 /*
- * _recon_agg: folds an order's gateway records and its CRM payment (side
- * 'r' / 'p' of a UNION ALL grouped by the match key) into its gateway view;
- * NULL when the order is plainly clean (extension/reconcile_agg.c).  Also
- * counts, for _recon_stats(), what the statement loaded.
+ * _recon_candidates: the run's gateway records (fetched, and imported
+ * reports' records between lo and hi) and the account's payments created
+ * between lo and hi, grouped by the match key in one hash table (a full
+ * outer join of the two in one pass, extension/reconcile_match.c); returns
+ * the orders that are not plainly clean, each with its gateway view.  Also
+ * counts, for _recon_stats(), what it read.
  */
-CREATE FUNCTION crmpay._recon_trans(internal, key text, side "char", record_type text, status text,
-                                    amount bigint, currency text, refunded bigint, record_ref text,
-                                    order_ref text, gateway_ref text, gateway_payment_ref text,
-                                    at timestamptz, line_no integer, payment_id bigint,
-                                    fin_currency text, fin_amount bigint, fee bigint, net bigint,
-                                    since timestamptz, until timestamptz)
-    RETURNS internal
-    LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'crmpay_recon_trans';
-CREATE FUNCTION crmpay._recon_final(internal) RETURNS crmpay._recon_key
-    LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'crmpay_recon_final';
-CREATE AGGREGATE crmpay._recon_agg(key text, side "char", record_type text, status text,
-                                   amount bigint, currency text, refunded bigint, record_ref text,
-                                   order_ref text, gateway_ref text, gateway_payment_ref text,
-                                   at timestamptz, line_no integer, payment_id bigint,
-                                   fin_currency text, fin_amount bigint, fee bigint, net bigint,
-                                   since timestamptz, until timestamptz) (
-    SFUNC = crmpay._recon_trans, STYPE = internal, SSPACE = 256,
-    FINALFUNC = crmpay._recon_final
-);
-CREATE FUNCTION crmpay._recon_stats_reset() RETURNS void
-    LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'crmpay_recon_stats_reset';
+CREATE FUNCTION crmpay._recon_candidates(run_id bigint, account text, since timestamptz, until timestamptz,
+                                         lo timestamptz, hi timestamptz, match_on text)
+    RETURNS SETOF crmpay._recon_key
+    LANGUAGE c VOLATILE STRICT ROWS 1000 AS 'MODULE_PATHNAME', 'crmpay_recon_candidates';
 CREATE FUNCTION crmpay._recon_stats(OUT loaded bigint, OUT keyed bigint, OUT payments_checked bigint,
                                     OUT totals jsonb)
     LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'crmpay_recon_stats';
@@ -436,13 +421,13 @@ $$;
 /*
  * _reconcile_match: the set-based pass.  The run's gateway records (and
  * imported report records of its window) and the account's payments of the
- * window, as one UNION ALL grouped by the match key: a single hash table
- * gives both sides of every order, like a FULL OUTER JOIN, and
- * crmpay._recon_agg folds each order into its gateway view, passing the
- * plainly clean ones (normally over 99 %) as NULL.  The few others get
- * their payment (by id, or, for a payment created before the window, by the
- * key's index), are classified (_recon_classify) and stored as items.
- * The aggregate counts records, payments and money per currency on the way.
+ * window go through one hash table keyed on the match key
+ * (_recon_candidates, in C): like a FULL OUTER JOIN, it gives both sides of
+ * every order, and it folds each order's records into its gateway view,
+ * passing over the plainly clean ones (normally over 99 %).  The few others
+ * get their payment (by id, or, for a payment created before the window, by
+ * the key's index), are classified (_recon_classify) and stored as items.
+ * Records, payments and money per currency are counted on the way.
  */
 CREATE FUNCTION crmpay._reconcile_match(run_id bigint) RETURNS void
     LANGUAGE plpgsql VOLATILE
@@ -462,7 +447,6 @@ DECLARE
     v_totals jsonb;
     v_work_mem text := current_setting('work_mem');
     v_jit text := current_setting('jit');
-    v_sort text := current_setting('enable_sort');
 BEGIN
     SELECT * INTO STRICT r FROM crmpay.reconciliation_runs WHERE id = _reconcile_match.run_id;
     UPDATE crmpay.reconciliation_runs SET phase = 'matching', heartbeat_at = clock_timestamp()
@@ -473,40 +457,15 @@ BEGIN
                              WHEN 'gateway_payment_ref' THEN 'gateway_payment_ref' END;
     v_lo := r.window_start - r.margin;
     v_hi := r.window_end + r.margin;
+    -- the hash table's memory (times hash_mem_multiplier, as for a hash join)
     PERFORM set_config('work_mem', current_setting('crmpay.reconcile_work_mem'), true);
-    -- one statement, run once: compiling it (JIT) costs more than it saves;
-    -- and grouping is by hashing (a sort of every order would be slower)
+    -- statements run once: compiling them (JIT) costs more than it saves
     PERFORM set_config('jit', 'off', true);
-    PERFORM set_config('enable_sort', 'off', true);
 
-    PERFORM crmpay._recon_stats_reset();
     EXECUTE format($q$
     WITH c AS MATERIALIZED (
-        SELECT s.key, s.k
-          FROM (SELECT u.key,
-                       crmpay._recon_agg(u.key, u.side, u.record_type, u.status, u.amount_minor, u.currency,
-                                         u.refunded_minor, u.record_ref, u.order_ref, u.gateway_ref,
-                                         u.gateway_payment_ref, u.at, u.line_no, u.payment_id, u.fin_currency,
-                                         u.fin_amount_minor, u.fee_minor, u.net_minor, $3, $4) AS k
-                  FROM (SELECT match_key AS key, 'r'::"char" AS side, record_type, status, amount_minor,
-                               currency, refunded_minor, record_ref, order_ref, gateway_ref,
-                               gateway_payment_ref, occurred_at AS at, line_no, NULL::bigint AS payment_id,
-                               fin_currency, fin_amount_minor, fee_minor, net_minor
-                          FROM crmpay.gateway_records
-                         WHERE run_id = $1
-                        UNION ALL
-                        SELECT match_key, 'r', record_type, status, amount_minor, currency, refunded_minor,
-                               record_ref, order_ref, gateway_ref, gateway_payment_ref, occurred_at, line_no,
-                               NULL, fin_currency, fin_amount_minor, fee_minor, net_minor
-                          FROM crmpay.gateway_records
-                         WHERE import_id IS NOT NULL AND account = $2 AND occurred_at >= $5 AND occurred_at < $6
-                        UNION ALL
-                        SELECT q.%1$I, 'p', NULL, q.status, q.amount_minor, q.currency, q.refunded_minor, NULL,
-                               NULL, NULL, NULL, q.created_at, NULL, q.id, NULL, NULL, NULL, NULL
-                          FROM crmpay.payments q
-                         WHERE q.account = $2 AND q.created_at >= $5 AND q.created_at < $6) u
-                 GROUP BY u.key) s
-         WHERE (s.k).records IS NOT NULL      -- (a composite IS NOT NULL only if every field is)
+        SELECT k.match_key AS key, k
+          FROM crmpay._recon_candidates($1, $2, $3, $4, $5, $6, $8) k
     ), m AS MATERIALIZED (
         -- the payment, or (a record of a payment created outside the window)
         -- the one with that key anywhere, by its index
@@ -538,13 +497,12 @@ BEGIN
     INTO v_unmatched, v_counts
     USING r.id, r.account, r.window_start, r.window_end, v_lo, v_hi, r.heal, r.match_on;
 
-    SELECT st.loaded, st.keyed, st.totals INTO v_loaded, v_keyed, v_totals FROM crmpay._recon_stats() st;
-    SELECT st.payments_checked INTO v_checked FROM crmpay._recon_stats() st;
+    SELECT st.loaded, st.keyed, st.payments_checked, st.totals INTO v_loaded, v_keyed, v_checked, v_totals
+      FROM crmpay._recon_stats() st;
     v_discrepancies := (SELECT coalesce(sum(value::bigint), 0) FROM jsonb_each_text(v_counts));
 
     PERFORM set_config('work_mem', v_work_mem, true);
     PERFORM set_config('jit', v_jit, true);
-    PERFORM set_config('enable_sort', v_sort, true);
     UPDATE crmpay.reconciliation_runs
        SET records_loaded = v_loaded, records_matched = v_keyed - v_unmatched,
            payments_checked = v_checked, counts = v_counts, totals = v_totals,
