@@ -802,29 +802,6 @@ scan_fail(AdyenScan *sc, const char *error)
 	return false;
 }
 
-static int
-hex4(const char *p)
-{
-	int			v = 0;
-	int			i;
-
-	for (i = 0; i < 4; i++)
-	{
-		char		c = p[i];
-
-		v <<= 4;
-		if (c >= '0' && c <= '9')
-			v |= c - '0';
-		else if (c >= 'a' && c <= 'f')
-			v |= c - 'a' + 10;
-		else if (c >= 'A' && c <= 'F')
-			v |= c - 'A' + 10;
-		else
-			return -1;
-	}
-	return v;
-}
-
 /*
  * Scans a string (sc->p at the opening quote).  When out is given, the
  * de-escaped text is returned there: a slice of the input when the string
@@ -891,7 +868,7 @@ scan_string(AdyenScan *sc, AdyenField *out)
 					unsigned char utf8[4];
 					int			n;
 
-					if (sc->end - sc->p < 6 || (cp = hex4(sc->p + 2)) < 0)
+					if (sc->end - sc->p < 6 || (cp = crmpay_hex4(sc->p + 2)) < 0)
 						return scan_fail(sc, "invalid \\u escape");
 					if (cp >= 0xDC00 && cp <= 0xDFFF)
 						return scan_fail(sc, "lone low surrogate");
@@ -900,7 +877,7 @@ scan_string(AdyenScan *sc, AdyenField *out)
 						int			lo;
 
 						if (sc->end - sc->p < 12 || sc->p[6] != '\\' || sc->p[7] != 'u' ||
-							(lo = hex4(sc->p + 8)) < 0xDC00 || lo > 0xDFFF)
+							(lo = crmpay_hex4(sc->p + 8)) < 0xDC00 || lo > 0xDFFF)
 							return scan_fail(sc, "high surrogate without a low one");
 						cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00);
 						sc->p += 6;

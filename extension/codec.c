@@ -332,6 +332,29 @@ crmpay_kv_next(const char *src, size_t len, char sep, size_t *pos,
 	return false;
 }
 
+/* The value of the four hex digits at p (which must have four bytes), or -1. */
+int
+crmpay_hex4(const char *p)
+{
+	int			v = 0;
+
+	for (int i = 0; i < 4; i++)
+	{
+		char		c = p[i];
+
+		v <<= 4;
+		if (c >= '0' && c <= '9')
+			v |= c - '0';
+		else if (c >= 'a' && c <= 'f')
+			v |= c - 'a' + 10;
+		else if (c >= 'A' && c <= 'F')
+			v |= c - 'A' + 10;
+		else
+			return -1;
+	}
+	return v;
+}
+
 bool
 crmpay_parse_int64(const char *src, size_t len, int64_t *out)
 {

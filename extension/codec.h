@@ -68,6 +68,9 @@ typedef struct CrmpayKVItem
 extern bool crmpay_kv_next(const char *src, size_t len, char sep,
 						   size_t *pos, CrmpayKVItem *item);
 
+/* The value of four hex digits (a JSON \u escape), or -1. */
+extern int	crmpay_hex4(const char *p);
+
 /* Parses a non-negative decimal integer that fits in int64; false otherwise. */
 extern bool crmpay_parse_int64(const char *src, size_t len, int64_t *out);
 

@@ -127,58 +127,6 @@ add_member(CrmpayJson *parent, char *key, CrmpayJson *item)
 	parent->items[parent->count++] = item;
 }
 
-/* Four hex digits at p; -1 if they are not. */
-static int
-hex4(const char *p)
-{
-	int			v = 0;
-
-	for (int i = 0; i < 4; i++)
-	{
-		char		c = p[i];
-
-		v <<= 4;
-		if (c >= '0' && c <= '9')
-			v |= c - '0';
-		else if (c >= 'a' && c <= 'f')
-			v |= c - 'a' + 10;
-		else if (c >= 'A' && c <= 'F')
-			v |= c - 'A' + 10;
-		else
-			return -1;
-	}
-	return v;
-}
-
-/* Writes code point c as UTF-8 at out; returns the number of bytes. */
-static int
-put_utf8(unsigned int c, char *out)
-{
-	if (c < 0x80)
-	{
-		out[0] = (char) c;
-		return 1;
-	}
-	if (c < 0x800)
-	{
-		out[0] = (char) (0xC0 | (c >> 6));
-		out[1] = (char) (0x80 | (c & 0x3F));
-		return 2;
-	}
-	if (c < 0x10000)
-	{
-		out[0] = (char) (0xE0 | (c >> 12));
-		out[1] = (char) (0x80 | ((c >> 6) & 0x3F));
-		out[2] = (char) (0x80 | (c & 0x3F));
-		return 3;
-	}
-	out[0] = (char) (0xF0 | (c >> 18));
-	out[1] = (char) (0x80 | ((c >> 12) & 0x3F));
-	out[2] = (char) (0x80 | ((c >> 6) & 0x3F));
-	out[3] = (char) (0x80 | (c & 0x3F));
-	return 4;
-}
-
 /*
  * read_string
  *		The string starting at the opening quote, de-escaped into a palloc'd
@@ -256,7 +204,7 @@ read_string(JsonReader *r)
 				*w++ = '\t';
 				break;
 			case 'u':
-				if (q - r->p < 6 || (code = hex4(r->p + 2)) < 0)
+				if (q - r->p < 6 || (code = crmpay_hex4(r->p + 2)) < 0)
 					return (char *) json_fail(r, "\\u must be followed by four hexadecimal digits");
 				if (code == 0)
 					return (char *) json_fail(r, "\\u0000 cannot be converted to text");
@@ -267,14 +215,15 @@ read_string(JsonReader *r)
 					int			low;
 
 					if (q - r->p < 12 || r->p[6] != '\\' || r->p[7] != 'u' ||
-						(low = hex4(r->p + 8)) < 0xDC00 || low > 0xDFFF)
+						(low = crmpay_hex4(r->p + 8)) < 0xDC00 || low > 0xDFFF)
 						return (char *) json_fail(r, "Unicode high surrogate must be followed by a low surrogate");
 					code = 0x10000 + ((code - 0xD800) << 10) + (low - 0xDC00);
 					r->p += 6;
 				}
 				if (code > 0x7F && !r->utf8)
 					return (char *) json_fail(r, "Unicode escape values cannot be used for code point values above 007F when the encoding is not UTF8");
-				w += put_utf8((unsigned int) code, w);
+				unicode_to_utf8((pg_wchar) code, (unsigned char *) w);
+				w += pg_utf_mblen((unsigned char *) w);
 				r->p += 6;
 				continue;
 			default:
