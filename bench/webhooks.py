@@ -140,13 +140,19 @@ def pgbench(cluster, script, transactions, clients=2):
     with open(path, "w") as f:
         f.write(script)
     os.chmod(path, 0o644)
+    lsn = "SELECT pg_current_wal_insert_lsn() - '0/0'::pg_lsn"
+    with cluster.connect("bench") as conn:
+        wal_before = conn.execute(lsn).fetchone()[0]
     cpu_before = backend_cpu_seconds(cluster)
     out = subprocess.run([os.path.join(BINDIR, "pgbench"), "-n", "-h", cluster.tmpdir, "-p", str(cluster.port),
                           "-U", "postgres", "-c", str(clients), "-j", str(clients), "-t", str(transactions),
                           "-f", path, "bench"], check=True, capture_output=True, text=True).stdout
     time.sleep(0.2)  # let the postmaster reap the finished backends
     cpu_us = (backend_cpu_seconds(cluster) - cpu_before) * 1e6 / (clients * transactions)
+    with cluster.connect("bench") as conn:
+        wal = float(conn.execute(lsn).fetchone()[0] - wal_before) / (clients * transactions)
     tps = float(re.search(r"tps = ([0-9.]+)", out).group(1))
+    print(f"  ({'bare' if 'bare' in script else 'crmpay'}: {wal:,.0f} WAL bytes per transaction)")
     return tps, cpu_us
 
 

@@ -89,6 +89,17 @@ extern Datum crmpay_text_param(const char *s, char *isnull);
 	"       paid_at = CASE WHEN $2 = 'paid' THEN coalesce(p.paid_at, $5) ELSE p.paid_at END," \
 	"       updated_at = now()" \
 	" WHERE p.id = $1"
+/*
+ * The INSERT that keeps crmpay.payment_refs (account, gateway payment ref,
+ * payment id) in step, in two halves around its row source: a new mapping,
+ * or a mapping moved to the payment that now has the reference.
+ */
+#define CRMPAY_KEEP_PAYMENT_REF_SQL \
+	"INSERT INTO crmpay.payment_refs (account, gateway_payment_ref, payment_id)"
+#define CRMPAY_KEEP_PAYMENT_REF_CONFLICT \
+	" ON CONFLICT (account, gateway_payment_ref) DO UPDATE SET payment_id = excluded.payment_id" \
+	" WHERE payment_refs.payment_id <> excluded.payment_id"
+extern void crmpay_statement_keeps_payment_ref(int64 payment_id);
 extern bool crmpay_transition_allowed(const char *from_status, const char *to_status);
 extern bool crmpay_record_payment_facts(int64 payment_id, const char *gateway_payment_ref,
 										int64 refunded_minor);

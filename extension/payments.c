@@ -71,10 +71,7 @@ state_plan(int which)
 			3, {INT8OID, TEXTOID, INT8OID}
 		},
 		[PLAN_KEEP_REF] = {
-			"INSERT INTO crmpay.payment_refs (account, gateway_payment_ref, payment_id)"
-			" VALUES ($1, $2, $3)"
-			" ON CONFLICT (account, gateway_payment_ref) DO UPDATE SET payment_id = excluded.payment_id"
-			" WHERE payment_refs.payment_id <> excluded.payment_id",
+			CRMPAY_KEEP_PAYMENT_REF_SQL " VALUES ($1, $2, $3)" CRMPAY_KEEP_PAYMENT_REF_CONFLICT,
 			3, {TEXTOID, TEXTOID, INT8OID}
 		},
 		[PLAN_TRANSITIONS] = {
@@ -287,6 +284,19 @@ crmpay_apply_status_sql(PG_FUNCTION_ARGS)
 	PG_RETURN_TEXT_P(cstring_to_text(old_status));
 }
 
+/*
+ * The payment whose payment_refs row the running statement writes itself
+ * (the webhook intake's move), so the trigger leaves it alone; 0 for none.
+ * Only C code of crmpay sets it, around one statement.
+ */
+static int64 ref_kept_by_statement = 0;
+
+void
+crmpay_statement_keeps_payment_ref(int64 payment_id)
+{
+	ref_kept_by_statement = payment_id;
+}
+
 PG_FUNCTION_INFO_V1(crmpay_keep_payment_ref);
 
 /*
@@ -307,6 +317,7 @@ crmpay_keep_payment_ref(PG_FUNCTION_ARGS)
 	int			ref_attnum;
 	bool		isnull;
 	Datum		ref;
+	Datum		payment_id;
 	Datum		values[3];
 	int			rc;
 
@@ -322,6 +333,9 @@ crmpay_keep_payment_ref(PG_FUNCTION_ARGS)
 	ref = heap_getattr(new_tuple, ref_attnum, desc, &isnull);
 	if (isnull)
 		return PointerGetDatum(NULL);
+	payment_id = heap_getattr(new_tuple, SPI_fnumber(desc, "id"), desc, &isnull);
+	if (ref_kept_by_statement != 0 && DatumGetInt64(payment_id) == ref_kept_by_statement)
+		return PointerGetDatum(NULL);
 	if (TRIGGER_FIRED_BY_UPDATE(trigdata->tg_event))
 	{
 		bool		old_isnull;
@@ -334,7 +348,7 @@ crmpay_keep_payment_ref(PG_FUNCTION_ARGS)
 
 	values[0] = heap_getattr(new_tuple, SPI_fnumber(desc, "account"), desc, &isnull);
 	values[1] = ref;
-	values[2] = heap_getattr(new_tuple, SPI_fnumber(desc, "id"), desc, &isnull);
+	values[2] = payment_id;
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "crmpay: SPI_connect failed");
 	rc = SPI_execute_plan(state_plan(PLAN_KEEP_REF), values, NULL, false, 0);

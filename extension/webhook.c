@@ -185,10 +185,18 @@ intake_plan(int which)
 		},
 		/*
 		 * An event that moves its payment: the state machine's UPDATE
-		 * ($1-$5, payments.c) and the event's row ($6-$18) in one statement.
+		 * ($1-$5, payments.c), the payment_refs row of a gateway payment id
+		 * it learns (written here rather than by the trigger, which this
+		 * statement tells to skip the payment), and the event's row
+		 * ($6-$18), in one statement.
 		 */
 		[PLAN_MOVE_AND_INSERT_EVENT] = {
-			"WITH moved AS (" CRMPAY_PAYMENT_MOVE_SQL ")"
+			"WITH moved AS (" CRMPAY_PAYMENT_MOVE_SQL
+			"                RETURNING p.id, p.account, p.gateway_payment_ref),"
+			" ref AS (" CRMPAY_KEEP_PAYMENT_REF_SQL
+			"         SELECT m.account, m.gateway_payment_ref, m.id FROM moved m"
+			"          WHERE m.gateway_payment_ref IS NOT NULL AND $3 IS NOT NULL"
+			"         " CRMPAY_KEEP_PAYMENT_REF_CONFLICT ")"
 			" INSERT INTO crmpay.events (account, provider, event_key, event_type, payment_id, outcome,"
 			" reason, old_status, new_status, http_status, headers, body, follow_up)"
 			" VALUES ($6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)",
@@ -282,6 +290,22 @@ typedef struct PaymentMove
 	int64		refunded_minor; /* -1: none */
 } PaymentMove;
 
+/* PLAN_MOVE_AND_INSERT_EVENT, telling the refs trigger that it keeps the payment's ref itself. */
+static void
+run_move_and_insert(Datum *values, const char *nulls, int64 payment_id)
+{
+	crmpay_statement_keeps_payment_ref(payment_id);
+	PG_TRY();
+	{
+		spi_run(PLAN_MOVE_AND_INSERT_EVENT, values, nulls, SPI_OK_INSERT);
+	}
+	PG_FINALLY();
+	{
+		crmpay_statement_keeps_payment_ref(0);
+	}
+	PG_END_TRY();
+}
+
 /*
  * record_event
  *		Records one delivery or event in crmpay.events; with a move, moves the
@@ -329,8 +353,10 @@ record_event(const char *account, const char *provider, const CrmpayWebhookEvent
 	/* a follow-up (e.g. PayPal's capture) is due only when the event moved the payment */
 	values[12] = crmpay_text_param(event && outcome && strcmp(outcome, "applied") == 0
 							  ? event->follow_up : NULL, &nulls[12]);
-	spi_run(move != NULL ? PLAN_MOVE_AND_INSERT_EVENT : PLAN_INSERT_EVENT,
-			all_values, all_nulls, SPI_OK_INSERT);
+	if (move == NULL)
+		spi_run(PLAN_INSERT_EVENT, values, nulls, SPI_OK_INSERT);
+	else
+		run_move_and_insert(all_values, all_nulls, move->payment_id);
 	if (strcmp(outcome, "rejected") == 0)
 	{
 		values[1] = values[6];	/* (account, reason) */
