@@ -100,6 +100,8 @@ extern Datum crmpay_text_param(const char *s, char *isnull);
 	" ON CONFLICT (account, gateway_payment_ref) DO UPDATE SET payment_id = excluded.payment_id" \
 	" WHERE payment_refs.payment_id <> excluded.payment_id"
 extern void crmpay_statement_keeps_payment_ref(int64 payment_id);
+struct TriggerData;
+extern void crmpay_sync_order_row(struct TriggerData *trigdata);
 extern bool crmpay_transition_allowed(const char *from_status, const char *to_status);
 extern bool crmpay_record_payment_facts(int64 payment_id, const char *gateway_payment_ref,
 										int64 refunded_minor);

@@ -308,20 +308,18 @@ run_sync(SPIPlanPtr plan, Datum *values, const char *nulls, const char *account,
 	PG_END_TRY();
 }
 
-PG_FUNCTION_INFO_V1(crmpay_sync_order);
-
 /*
- * crmpay._sync_order() AFTER INSERT / UPDATE row trigger on crmpay.payments
- *		For a payment whose order came from a linked table: writes its URL
+ * crmpay_sync_order_row
+ *		Part of the payments trigger (crmpay._payment_changed, payments.c):
+ *		for a payment whose order came from a linked table, writes its URL
  *		into the link's url_column and its status into status_column, in
  *		the rows whose order_ref column equals the payment's order_ref.
  *		Only what changed is written, and only where the role that linked
  *		the table may still write.
  */
-Datum
-crmpay_sync_order(PG_FUNCTION_ARGS)
+void
+crmpay_sync_order_row(TriggerData *trigdata)
 {
-	TriggerData *trigdata = (TriggerData *) fcinfo->context;
 	TupleDesc	desc;
 	HeapTuple	row;
 	bool		is_insert;
@@ -342,19 +340,16 @@ crmpay_sync_order(PG_FUNCTION_ARGS)
 	int			url_attnum;
 	int			status_attnum;
 
-	if (!CALLED_AS_TRIGGER(fcinfo) || !TRIGGER_FIRED_AFTER(trigdata->tg_event) ||
-		!TRIGGER_FIRED_FOR_ROW(trigdata->tg_event))
-		elog(ERROR, "crmpay: _sync_order must be an AFTER row trigger");
 	desc = trigdata->tg_relation->rd_att;
 	is_insert = TRIGGER_FIRED_BY_INSERT(trigdata->tg_event);
 	row = is_insert ? trigdata->tg_trigtuple : trigdata->tg_newtuple;
 	relid = DatumGetObjectId(SPI_getbinval(row, desc, SPI_fnumber(desc, "order_table"), &isnull));
 	if (isnull)
-		return PointerGetDatum(NULL);
+		return;
 	/* an update that wrote the same status, URL and table changes nothing there */
 	if (!is_insert && !column_changed(trigdata, "status") && !column_changed(trigdata, "url") &&
 		!column_changed(trigdata, "order_table"))
-		return PointerGetDatum(NULL);
+		return;
 
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "crmpay: SPI_connect failed");
@@ -364,7 +359,7 @@ crmpay_sync_order(PG_FUNCTION_ARGS)
 	if (SPI_processed == 0)
 	{
 		SPI_finish();			/* the table was unlinked */
-		return PointerGetDatum(NULL);
+		return;
 	}
 	ref_attnum = DatumGetInt16(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
 	url_attnum = DatumGetInt16(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull));
@@ -404,5 +399,4 @@ crmpay_sync_order(PG_FUNCTION_ARGS)
 				 order_ref, relid, linker);
 	}
 	SPI_finish();
-	return PointerGetDatum(NULL);
 }

@@ -13,8 +13,9 @@
  *	  gateway's payment id, the cumulative refunded amount) are kept even
  *	  when the status does not move.
  *
- *	  crmpay._notify_payment_change() is the trigger that sends
- *	  NOTIFY crmpay_payments with a small JSON payload on every status change.
+ *	  crmpay._payment_changed() is the trigger that follows every change:
+ *	  NOTIFY crmpay_payments with a small JSON payload on every status
+ *	  change, the payment_refs lookup, and the CRM's order row.
  *
  *-------------------------------------------------------------------------
  */
@@ -297,21 +298,17 @@ crmpay_statement_keeps_payment_ref(int64 payment_id)
 	ref_kept_by_statement = payment_id;
 }
 
-PG_FUNCTION_INFO_V1(crmpay_keep_payment_ref);
-
 /*
- * crmpay._keep_payment_ref() AFTER INSERT OR UPDATE OF gateway_payment_ref
- * row trigger on crmpay.payments
+ * keep_payment_ref
  *		Keeps crmpay.payment_refs, the lookup of payments by the gateway's
  *		payment id, in step with the column, whoever writes it (the state
  *		machine, or a shop inserting its Braintree payments).  A mapping
  *		left behind by a changed or deleted payment is harmless: lookups
  *		check it against the payment.
  */
-Datum
-crmpay_keep_payment_ref(PG_FUNCTION_ARGS)
+static void
+keep_payment_ref(TriggerData *trigdata)
 {
-	TriggerData *trigdata = (TriggerData *) fcinfo->context;
 	TupleDesc	desc;
 	HeapTuple	new_tuple;
 	int			ref_attnum;
@@ -321,9 +318,6 @@ crmpay_keep_payment_ref(PG_FUNCTION_ARGS)
 	Datum		values[3];
 	int			rc;
 
-	if (!CALLED_AS_TRIGGER(fcinfo) || !TRIGGER_FIRED_AFTER(trigdata->tg_event) ||
-		!TRIGGER_FIRED_FOR_ROW(trigdata->tg_event))
-		elog(ERROR, "crmpay: _keep_payment_ref must be an AFTER row trigger");
 	desc = trigdata->tg_relation->rd_att;
 	new_tuple = TRIGGER_FIRED_BY_UPDATE(trigdata->tg_event) ? trigdata->tg_newtuple
 		: trigdata->tg_trigtuple;
@@ -332,10 +326,10 @@ crmpay_keep_payment_ref(PG_FUNCTION_ARGS)
 		elog(ERROR, "crmpay: payments has no column gateway_payment_ref");
 	ref = heap_getattr(new_tuple, ref_attnum, desc, &isnull);
 	if (isnull)
-		return PointerGetDatum(NULL);
+		return;
 	payment_id = heap_getattr(new_tuple, SPI_fnumber(desc, "id"), desc, &isnull);
 	if (ref_kept_by_statement != 0 && DatumGetInt64(payment_id) == ref_kept_by_statement)
-		return PointerGetDatum(NULL);
+		return;
 	if (TRIGGER_FIRED_BY_UPDATE(trigdata->tg_event))
 	{
 		bool		old_isnull;
@@ -343,7 +337,7 @@ crmpay_keep_payment_ref(PG_FUNCTION_ARGS)
 
 		/* the state machine's UPDATE names the column; most often it stays */
 		if (!old_isnull && datumIsEqual(old_ref, ref, false, -1))
-			return PointerGetDatum(NULL);
+			return;
 	}
 
 	values[0] = heap_getattr(new_tuple, SPI_fnumber(desc, "account"), desc, &isnull);
@@ -356,7 +350,6 @@ crmpay_keep_payment_ref(PG_FUNCTION_ARGS)
 		elog(ERROR, "crmpay: could not record the payment's gateway reference: %s",
 			 SPI_result_code_string(rc));
 	SPI_finish();
-	return PointerGetDatum(NULL);
 }
 
 /* The text of a column of a trigger tuple, or NULL. */
@@ -370,25 +363,19 @@ tuple_text(HeapTuple tuple, TupleDesc desc, const char *column)
 	return SPI_getvalue(tuple, desc, attnum);
 }
 
-PG_FUNCTION_INFO_V1(crmpay_notify_payment_change);
-
 /*
- * crmpay._notify_payment_change() trigger
+ * notify_payment_change
  *		NOTIFY crmpay_payments, '{"payment_id", "account", "order_ref",
  *		"old_status", "new_status"}' after a payment is created or changes
  *		status.  The notification is sent when the transaction commits.
  */
-Datum
-crmpay_notify_payment_change(PG_FUNCTION_ARGS)
+static void
+notify_payment_change(TriggerData *trigdata)
 {
-	TriggerData *trigdata = (TriggerData *) fcinfo->context;
 	TupleDesc	desc;
 	HeapTuple	new_tuple;
 	char	   *old_status = NULL;
 	StringInfoData payload;
-
-	if (!CALLED_AS_TRIGGER(fcinfo))
-		elog(ERROR, "crmpay: _notify_payment_change must be called as a trigger");
 
 	desc = trigdata->tg_relation->rd_att;
 	if (TRIGGER_FIRED_BY_UPDATE(trigdata->tg_event))
@@ -397,7 +384,7 @@ crmpay_notify_payment_change(PG_FUNCTION_ARGS)
 		old_status = tuple_text(trigdata->tg_trigtuple, desc, "status");
 		/* only status changes are announced */
 		if (strcmp(old_status, tuple_text(new_tuple, desc, "status")) == 0)
-			return PointerGetDatum(NULL);
+			return;
 	}
 	else
 		new_tuple = trigdata->tg_trigtuple;
@@ -417,5 +404,29 @@ crmpay_notify_payment_change(PG_FUNCTION_ARGS)
 	appendStringInfoChar(&payload, '}');
 
 	Async_Notify("crmpay_payments", payload.data);
+}
+
+PG_FUNCTION_INFO_V1(crmpay_payment_changed);
+
+/*
+ * crmpay._payment_changed() AFTER INSERT OR UPDATE OF status, url,
+ * order_table, gateway_payment_ref row trigger on crmpay.payments
+ *		The follow-ups of a new or changed payment, whoever wrote it: the
+ *		payment_refs lookup, the NOTIFY, and the CRM's order row
+ *		(orders.c).  One trigger rather than three: each AFTER trigger
+ *		costs a queued event and a fetch of both row versions per row.
+ *		Each part returns at once when its columns did not change.
+ */
+Datum
+crmpay_payment_changed(PG_FUNCTION_ARGS)
+{
+	TriggerData *trigdata = (TriggerData *) fcinfo->context;
+
+	if (!CALLED_AS_TRIGGER(fcinfo) || !TRIGGER_FIRED_AFTER(trigdata->tg_event) ||
+		!TRIGGER_FIRED_FOR_ROW(trigdata->tg_event))
+		elog(ERROR, "crmpay: _payment_changed must be an AFTER row trigger");
+	keep_payment_ref(trigdata);
+	notify_payment_change(trigdata);
+	crmpay_sync_order_row(trigdata);
 	return PointerGetDatum(NULL);
 }

@@ -40,7 +40,7 @@ CREATE INDEX payments_gateway_ref ON crmpay.payments (account, gateway_ref)
 -- UPDATE that moves its status.  An index on payments.gateway_payment_ref
 -- would make that UPDATE write a new entry in every index of the table;
 -- the lookup lives in payment_refs instead, kept by a trigger
--- (crmpay._keep_payment_ref, extension/payments.c) whoever writes the column.
+-- (crmpay._payment_changed, extension/payments.c) whoever writes the column.
 CREATE TABLE crmpay.payment_refs (
     account             text NOT NULL,
     gateway_payment_ref text NOT NULL,

@@ -10,6 +10,23 @@ ALTER TABLE crmpay.payments ADD COLUMN order_table regclass;
 COMMENT ON COLUMN crmpay.payments.order_table IS
     'The CRM table (see crmpay.link_orders) whose new order asked for this payment; NULL otherwise';
 
+-- ---------------------------------------------------------------------
+-- Follow-up actions of every new or changed payment (extension/payments.c):
+-- NOTIFY crmpay_payments on every status change, the payment_refs lookup,
+-- and the CRM's own order row (extension/orders.c; a failure there becomes
+-- a WARNING and an order_sync_failed alert, never blocks the payment).
+-- One trigger, not three: each AFTER trigger costs a queued event and a
+-- fetch of both row versions; no WHEN clause either (a WHEN is parsed and
+-- planned again by every statement): each part returns at once when its
+-- columns did not change.  SECURITY DEFINER: it writes crmpay's own tables
+-- whoever changed the payment.
+-- ---------------------------------------------------------------------
+CREATE FUNCTION crmpay._payment_changed() RETURNS trigger
+    LANGUAGE c SECURITY DEFINER AS 'MODULE_PATHNAME', 'crmpay_payment_changed';
+CREATE TRIGGER payments_changed
+    AFTER INSERT OR UPDATE OF status, url, order_table, gateway_payment_ref ON crmpay.payments
+    FOR EACH ROW EXECUTE FUNCTION crmpay._payment_changed();
+
 /*
  * Jobs.  One row per unit of work for the worker; WAL-logged like every
  * crmpay table, so a crash loses nothing.  kind says what to do:
@@ -887,22 +904,6 @@ BEGIN
 END
 $$;
 
-/*
- * _sync_order: writes a payment's URL and status into its CRM row (the
- * url_column and status_column of link_orders), found by order_ref
- * (extension/orders.c).  A failure there (a CRM constraint or trigger)
- * must not block payments or webhooks: it becomes a WARNING and an
- * order_sync_failed alert.
- */
-CREATE FUNCTION crmpay._sync_order() RETURNS trigger
-    LANGUAGE c SECURITY DEFINER AS 'MODULE_PATHNAME', 'crmpay_sync_order';
--- No WHEN clause: a trigger's WHEN is parsed and planned again by every
--- statement, which costs more than the call; _sync_order returns at once for
--- a payment without an order table and writes only the columns that changed.
-CREATE TRIGGER payments_sync_order_insert AFTER INSERT ON crmpay.payments
-    FOR EACH ROW EXECUTE FUNCTION crmpay._sync_order();
-CREATE TRIGGER payments_sync_order_update AFTER UPDATE OF status, url, order_table ON crmpay.payments
-    FOR EACH ROW EXECUTE FUNCTION crmpay._sync_order();
 
 -- ---------------------------------------------------------------------
 -- Privileges of this part (99_privileges.sql revokes PUBLIC's)
