@@ -3,9 +3,12 @@
  * payments.c
  *	  The payment state machine and its follow-up notification.
  *
- *	  crmpay_apply_status() is the one place a payment's status changes
- *	  after its link exists: webhooks and reconciliation both go through
- *	  it.  Which moves are allowed is data, the table
+ *	  A payment's status changes after its link exists only by
+ *	  crmpay_transition_allowed() and the one UPDATE CRMPAY_PAYMENT_MOVE_SQL
+ *	  (crmpay.h): crmpay_apply_status() runs them for reconciliation and
+ *	  the synchronous API, and the webhook intake runs the same UPDATE
+ *	  inside the statement that records the event.  Which moves are
+ *	  allowed is data, the table
  *	  crmpay.status_transitions (cached per backend, dropped when it
  *	  changes); the row is locked first, so concurrent
  *	  deliveries decide on the latest status and a late or out-of-order
