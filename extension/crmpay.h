@@ -73,6 +73,8 @@ extern const char *crmpay_header_get(const CrmpayHeaders *headers,
 struct _SPI_plan;
 extern struct _SPI_plan *crmpay_saved_plan(struct _SPI_plan **slot, const char *sql,
 										   int nargs, const Oid *types);
+extern void crmpay_spi_run(struct _SPI_plan *plan, Datum *values, const char *nulls,
+						   bool read_only, long count, int expected_rc, const char *what);
 extern Datum crmpay_text_param(const char *s, char *isnull);
 
 /*

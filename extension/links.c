@@ -49,12 +49,7 @@ crmpay_link_state(const CrmpayAccount *account, const char *gateway_ref, bool ex
 	if (failure->kind != CRMPAY_FAIL_NONE)
 		return false;
 	if (!provider->parse_link_state(account, &response, result, failure))
-	{
-		failure->kind = CRMPAY_FAIL_BAD_RESPONSE;
-		failure->retryable = true;
-		failure->http_status = (int) response.status;
-		return false;
-	}
+		return crmpay_unreadable_answer(&response, failure);
 	return true;
 }
 

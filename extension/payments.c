@@ -124,7 +124,6 @@ transitions_invalidate(Datum arg, Oid relid)
 static void
 load_transitions(void)
 {
-	int			rc;
 	int			n = 0;
 
 	if (transitions_cxt == NULL)
@@ -133,9 +132,8 @@ load_transitions(void)
 												ALLOCSET_SMALL_SIZES);
 		CacheRegisterRelcacheCallback(transitions_invalidate, (Datum) 0);
 	}
-	rc = SPI_execute_plan(state_plan(PLAN_TRANSITIONS), NULL, NULL, true, 0);
-	if (rc != SPI_OK_SELECT)
-		elog(ERROR, "crmpay: reading the status transitions failed: %s", SPI_result_code_string(rc));
+	crmpay_spi_run(state_plan(PLAN_TRANSITIONS), NULL, NULL, true, 0,
+				   SPI_OK_SELECT, "reading the status transitions");
 	MemoryContextReset(transitions_cxt);
 	transitions = MemoryContextAlloc(transitions_cxt, Max(SPI_processed, 1) * sizeof(Transition));
 	for (uint64 i = 0; i < SPI_processed; i++)
@@ -182,7 +180,6 @@ crmpay_record_payment_facts(int64 payment_id, const char *gateway_payment_ref,
 {
 	Datum		values[3];
 	char		nulls[3] = {' ', ' ', ' '};
-	int			rc;
 
 	if (gateway_payment_ref == NULL && refunded_minor <= 0)
 		return false;
@@ -190,9 +187,8 @@ crmpay_record_payment_facts(int64 payment_id, const char *gateway_payment_ref,
 	values[1] = crmpay_text_param(gateway_payment_ref, &nulls[1]);
 	values[2] = Int64GetDatum(refunded_minor);
 	nulls[2] = refunded_minor >= 0 ? ' ' : 'n';
-	rc = SPI_execute_plan(state_plan(PLAN_FACTS), values, nulls, false, 0);
-	if (rc != SPI_OK_UPDATE)
-		elog(ERROR, "crmpay: payment facts update failed: %s", SPI_result_code_string(rc));
+	crmpay_spi_run(state_plan(PLAN_FACTS), values, nulls, false, 0,
+				   SPI_OK_UPDATE, "payment facts update");
 	return SPI_processed > 0;
 }
 
@@ -212,7 +208,6 @@ crmpay_apply_status_locked(int64 payment_id, const char *current_status,
 {
 	Datum		values[5];
 	char		nulls[5] = {' ', ' ', ' ', ' ', ' '};
-	int			rc;
 
 	if (!crmpay_transition_allowed(current_status, new_status))
 	{
@@ -225,9 +220,7 @@ crmpay_apply_status_locked(int64 payment_id, const char *current_status,
 	values[3] = Int64GetDatum(refunded_minor);
 	nulls[3] = refunded_minor >= 0 ? ' ' : 'n';
 	values[4] = TimestampTzGetDatum(at);
-	rc = SPI_execute_plan(state_plan(PLAN_MOVE), values, nulls, false, 0);
-	if (rc != SPI_OK_UPDATE)
-		elog(ERROR, "crmpay: status update failed: %s", SPI_result_code_string(rc));
+	crmpay_spi_run(state_plan(PLAN_MOVE), values, nulls, false, 0, SPI_OK_UPDATE, "status update");
 	return SPI_processed == 1;
 }
 
@@ -246,13 +239,10 @@ crmpay_apply_status(int64 payment_id, const char *new_status,
 	char	   *old_status = NULL;
 	char	   *current;
 	Datum		values[1];
-	int			rc;
 
 	SPI_connect();
 	values[0] = Int64GetDatum(payment_id);
-	rc = SPI_execute_plan(state_plan(PLAN_LOCK), values, NULL, false, 1);
-	if (rc != SPI_OK_SELECT)
-		elog(ERROR, "crmpay: payment lock failed: %s", SPI_result_code_string(rc));
+	crmpay_spi_run(state_plan(PLAN_LOCK), values, NULL, false, 1, SPI_OK_SELECT, "payment lock");
 	if (SPI_processed == 1)
 	{
 		current = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);

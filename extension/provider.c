@@ -138,7 +138,6 @@ read_account(const char *name)
 	static SPIPlanPtr plan = NULL;
 	CachedAccount *entry = NULL;
 	Datum		values[1];
-	int			rc;
 
 	values[0] = CStringGetTextDatum(name);
 	SPI_connect();
@@ -151,9 +150,7 @@ read_account(const char *name)
 						  "  FROM crmpay.gateway_accounts WHERE name = $1",
 						  1, argtypes);
 	}
-	rc = SPI_execute_plan(plan, values, NULL, true, 1);
-	if (rc != SPI_OK_SELECT)
-		elog(ERROR, "crmpay: account lookup failed: %s", SPI_result_code_string(rc));
+	crmpay_spi_run(plan, values, NULL, true, 1, SPI_OK_SELECT, "account lookup");
 
 	if (SPI_processed == 1)
 	{
@@ -571,6 +568,25 @@ crmpay_link_prepare(const CrmpayAccount *account,
 }
 
 /*
+ * crmpay_unreadable_answer
+ *		After a provider's parse function refused a 2xx answer: the failure
+ *		is an unreadable answer (worth another try), unless the parser read
+ *		the gateway's own refusal in it, whose verdict is kept.  Returns
+ *		false, for "return crmpay_unreadable_answer(...)".
+ */
+bool
+crmpay_unreadable_answer(const CrmpayHttpResponse *response, CrmpayGatewayFailure *failure)
+{
+	if (failure->kind == CRMPAY_FAIL_NONE)
+	{
+		failure->kind = CRMPAY_FAIL_BAD_RESPONSE;
+		failure->retryable = true;
+	}
+	failure->http_status = (int) response->status;
+	return false;
+}
+
+/*
  * crmpay_link_finish
  *		The second half: reads the gateway's answer to a create-link
  *		request.  True with *result filled, or false with *failure saying
@@ -586,17 +602,9 @@ crmpay_link_finish(const CrmpayAccount *account,
 	crmpay_classify_http_failure(account, response, failure);
 	if (failure->kind != CRMPAY_FAIL_NONE)
 		return false;
+	/* a gateway may refuse inside a 2xx (Redsys); its verdict is kept */
 	if (!account->provider->parse_create_link(account, response, result, failure))
-	{
-		/* a gateway may refuse inside a 2xx (Redsys); keep its verdict */
-		if (failure->kind == CRMPAY_FAIL_NONE)
-		{
-			failure->kind = CRMPAY_FAIL_BAD_RESPONSE;
-			failure->retryable = true;
-		}
-		failure->http_status = (int) response->status;
-		return false;
-	}
+		return crmpay_unreadable_answer(response, failure);
 	return true;
 }
 
@@ -665,17 +673,9 @@ crmpay_capture_finish(const CrmpayAccount *account,
 	crmpay_classify_http_failure(account, response, failure);
 	if (failure->kind != CRMPAY_FAIL_NONE)
 		return false;
+	/* unreadable: the same request id replays the answer, worth another try */
 	if (!account->provider->parse_capture(account, response, result, failure))
-	{
-		if (failure->kind == CRMPAY_FAIL_NONE)
-		{
-			/* the same request id replays the answer: worth another try */
-			failure->kind = CRMPAY_FAIL_BAD_RESPONSE;
-			failure->retryable = true;
-		}
-		failure->http_status = (int) response->status;
-		return false;
-	}
+		return crmpay_unreadable_answer(response, failure);
 	return true;
 }
 

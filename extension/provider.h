@@ -368,6 +368,8 @@ extern const char *crmpay_provider_names(void);
 extern CrmpayAccount *crmpay_load_account(const char *name, bool missing_ok);
 extern const char *crmpay_setting(const CrmpayAccount *account,
 								  const char *key);
+extern bool crmpay_unreadable_answer(const CrmpayHttpResponse *response,
+									 CrmpayGatewayFailure *failure);
 extern bool crmpay_link_prepare(const CrmpayAccount *account,
 								const CrmpayLinkRequest *request,
 								CrmpayHttpRequest *http,

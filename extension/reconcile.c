@@ -324,7 +324,6 @@ stage_records(int64 run_id, int64 import_id, const char *account,
 	int			which = import_id > 0 ? 1 : 0;
 	int			c;
 	int			i;
-	int			rc;
 
 	if (n == 0)
 		return 0;
@@ -392,10 +391,9 @@ stage_records(int64 run_id, int64 import_id, const char *account,
 		values[3 + c] = build_array(elems[c], elem_nulls[c], n, coltypes[c]);
 		nulls[3 + c] = ' ';
 	}
-	rc = SPI_execute_plan(crmpay_saved_plan(&plans[which], sql[which], 3 + STAGE_COLUMNS, argtypes),
-						  values, nulls, false, 0);
-	if (rc != SPI_OK_INSERT)
-		elog(ERROR, "crmpay: staging gateway records failed: %s", SPI_result_code_string(rc));
+	crmpay_spi_run(crmpay_saved_plan(&plans[which], sql[which], 3 + STAGE_COLUMNS, argtypes),
+				   values, nulls, false, 0,
+				   SPI_OK_INSERT, "staging gateway records");
 	return SPI_processed;
 }
 
@@ -543,16 +541,14 @@ next_order(const RunInfo *run, int64 after_payment)
 	bool		isnull;
 	CrmpayOrderQuery *q;
 	MemoryContext callercxt = CurrentMemoryContext;
-	int			rc;
 
 	values[0] = CStringGetTextDatum(run->account);
 	values[1] = TimestampTzGetDatum(run->window_start);
 	values[2] = TimestampTzGetDatum(run->window_end);
 	values[3] = Int64GetDatum(after_payment);
 	values[4] = Int64GetDatum(run->id);
-	rc = SPI_execute_plan(crmpay_saved_plan(&plans[which], sql[which], 5, types), values, NULL, true, 1);
-	if (rc != SPI_OK_SELECT)
-		elog(ERROR, "crmpay: listing payments to query failed: %s", SPI_result_code_string(rc));
+	crmpay_spi_run(crmpay_saved_plan(&plans[which], sql[which], 5, types), values, NULL, true, 1,
+				   SPI_OK_SELECT, "listing payments to query");
 	if (SPI_processed == 0)
 		return NULL;
 	tuple = SPI_tuptable->vals[0];
@@ -685,16 +681,7 @@ driver_absorb(const RunInfo *run, const CrmpayAccount *account, DriverState *st,
 	else
 		ok = provider->parse_query_order(account, req->order, response, &records, failure);
 	if (!ok)
-	{
-		/* an unreadable answer, unless the provider read an error in it */
-		if (failure->kind == CRMPAY_FAIL_NONE)
-		{
-			failure->kind = CRMPAY_FAIL_BAD_RESPONSE;
-			failure->retryable = true;
-		}
-		failure->http_status = (int) response->status;
-		return false;
-	}
+		return crmpay_unreadable_answer(response, failure);
 	if (st->phase == PHASE_ORDERS)
 		st->after_payment = req->order->payment_id;
 
@@ -718,21 +705,19 @@ save_driver_state(const RunInfo *run, const DriverState *st, bool keep_state)
 	Oid			types[4] = {INT8OID, TEXTOID, INT4OID, INT8OID};
 	Datum		values[4];
 	char		nulls[4] = {' ', ' ', ' ', ' '};
-	int			rc;
 
 	values[0] = Int64GetDatum(run->id);
 	values[1] = crmpay_text_param(keep_state ? driver_state_json(st) : NULL, &nulls[1]);
 	values[2] = Int32GetDatum(st->pages);
 	values[3] = Int64GetDatum(st->loaded);
-	rc = SPI_execute_plan(crmpay_saved_plan(&plan,
-										"UPDATE crmpay.reconciliation_runs"
-										"   SET fetch_state = $2::jsonb, pages_fetched = $3, records_loaded = $4,"
-										"       phase = 'fetching', heartbeat_at = clock_timestamp()"
-										" WHERE id = $1",
-										4, types),
-						  values, nulls, false, 0);
-	if (rc != SPI_OK_UPDATE)
-		elog(ERROR, "crmpay: updating the run failed: %s", SPI_result_code_string(rc));
+	crmpay_spi_run(crmpay_saved_plan(&plan,
+									 "UPDATE crmpay.reconciliation_runs"
+									 "   SET fetch_state = $2::jsonb, pages_fetched = $3, records_loaded = $4,"
+									 "       phase = 'fetching', heartbeat_at = clock_timestamp()"
+									 " WHERE id = $1",
+									 4, types),
+				   values, nulls, false, 0,
+				   SPI_OK_UPDATE, "updating the run");
 }
 
 /* Adds "reconciliation run N, page P (...)" to errors raised while fetching. */
@@ -1122,13 +1107,12 @@ crmpay_import_report(PG_FUNCTION_ARGS)
 		nulls[4] = state.first_at ? ' ' : 'n';
 		values[5] = TimestampTzGetDatum(state.last_at);
 		nulls[5] = state.last_at ? ' ' : 'n';
-		rc = SPI_execute_plan(crmpay_saved_plan(&update_plan,
-											"UPDATE crmpay.report_imports SET lines = $2, records = $3, duplicates = $4,"
-											" first_at = $5, last_at = $6 WHERE id = $1",
-											6, types),
-							  values, nulls, false, 0);
-		if (rc != SPI_OK_UPDATE)
-			elog(ERROR, "crmpay: recording the import failed: %s", SPI_result_code_string(rc));
+		crmpay_spi_run(crmpay_saved_plan(&update_plan,
+										 "UPDATE crmpay.report_imports SET lines = $2, records = $3, duplicates = $4,"
+										 " first_at = $5, last_at = $6 WHERE id = $1",
+										 6, types),
+					   values, nulls, false, 0,
+					   SPI_OK_UPDATE, "recording the import");
 	}
 	SPI_finish();
 	PG_RETURN_INT64(state.import_id);
@@ -1436,17 +1420,15 @@ step_finish(void *arg)
 	static SPIPlanPtr plan = NULL;
 	Oid			types[1] = {INT8OID};
 	Datum		values[1];
-	int			rc;
 
 	save_driver_state(&s->run, &s->st, false);
 	values[0] = Int64GetDatum(s->run.id);
-	rc = SPI_execute_plan(crmpay_saved_plan(&plan,
-										"SELECT crmpay._reconcile_match($1), crmpay._reconcile_heal($1),"
-										"       crmpay._reconcile_finish($1)",
-										1, types),
-						  values, NULL, false, 1);
-	if (rc != SPI_OK_SELECT)
-		elog(ERROR, "crmpay: finishing the run failed: %s", SPI_result_code_string(rc));
+	crmpay_spi_run(crmpay_saved_plan(&plan,
+									 "SELECT crmpay._reconcile_match($1), crmpay._reconcile_heal($1),"
+									 "       crmpay._reconcile_finish($1)",
+									 1, types),
+				   values, NULL, false, 1,
+				   SPI_OK_SELECT, "finishing the run");
 }
 
 typedef struct FailArgs
@@ -1463,7 +1445,6 @@ step_fail(void *arg)
 	Oid			types[6] = {INT8OID, TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID};
 	Datum		values[6];
 	char		nulls[6];
-	int			rc;
 
 	local_progress.pages = f->run->st.pages;
 	local_progress.loaded = f->run->st.loaded;
@@ -1474,11 +1455,10 @@ step_fail(void *arg)
 	values[3] = crmpay_text_param(f->error->detail, &nulls[3]);
 	values[4] = crmpay_text_param(f->error->hint, &nulls[4]);
 	values[5] = crmpay_text_param(f->error->context, &nulls[5]);
-	rc = SPI_execute_plan(crmpay_saved_plan(&plan, "SELECT crmpay._reconcile_fail($1, $2, $3, $4, $5, $6)",
-										6, types),
-						  values, nulls, false, 1);
-	if (rc != SPI_OK_SELECT)
-		elog(ERROR, "crmpay: recording the failed run failed: %s", SPI_result_code_string(rc));
+	crmpay_spi_run(crmpay_saved_plan(&plan, "SELECT crmpay._reconcile_fail($1, $2, $3, $4, $5, $6)",
+									 6, types),
+				   values, nulls, false, 1,
+				   SPI_OK_SELECT, "recording the failed run");
 }
 
 /*

@@ -693,7 +693,6 @@ redsys_order_number(const CrmpayAccount *account, const char *order_ref)
 		char	   *lock_key;
 		Datum		values[4];
 		int			i;
-		int			rc;
 
 		crmpay_digest("SHA256", seed, strlen(seed), digest, &digest_len);
 		for (i = 0; i < 8; i++)
@@ -708,9 +707,7 @@ redsys_order_number(const CrmpayAccount *account, const char *order_ref)
 		values[1] = CStringGetTextDatum(merchant);
 		values[2] = CStringGetTextDatum(account->name);
 		values[3] = CStringGetTextDatum(order_ref);
-		rc = SPI_execute_plan(plan, values, NULL, true, 1);
-		if (rc != SPI_OK_SELECT)
-			elog(ERROR, "crmpay: Redsys order number lookup failed: %s", SPI_result_code_string(rc));
+		crmpay_spi_run(plan, values, NULL, true, 1, SPI_OK_SELECT, "Redsys order number lookup");
 		if (SPI_processed == 0)
 		{
 			SPI_finish();

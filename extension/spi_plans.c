@@ -1,9 +1,10 @@
 /*-------------------------------------------------------------------------
  *
  * spi_plans.c
- *	  The two SPI helpers every module uses: statements prepared once per
+ *	  The SPI helpers every module uses: statements prepared once per
  *	  backend and kept (saved plans, invalidated by the plan cache when the
- *	  tables change), and text parameters that may be NULL.
+ *	  tables change), running one with its result checked, and text
+ *	  parameters that may be NULL.
  *
  *-------------------------------------------------------------------------
  */
@@ -30,6 +31,21 @@ crmpay_saved_plan(SPIPlanPtr *slot, const char *sql, int nargs, const Oid *types
 		*slot = plan;
 	}
 	return *slot;
+}
+
+/*
+ * crmpay_spi_run
+ *		Executes a plan (arguments as SPI_execute_plan's) and raises, naming
+ *		what the statement was for, unless SPI answers expected_rc.
+ */
+void
+crmpay_spi_run(SPIPlanPtr plan, Datum *values, const char *nulls, bool read_only, long count,
+			   int expected_rc, const char *what)
+{
+	int			rc = SPI_execute_plan(plan, values, nulls, read_only, count);
+
+	if (rc != expected_rc)
+		elog(ERROR, "crmpay: %s failed: %s", what, SPI_result_code_string(rc));
 }
 
 /* A text parameter: the string, or NULL (sets *isnull to 'n' or ' '). */

@@ -87,9 +87,9 @@ import traceback
 import urllib.parse
 
 try:
-    from .tls_server import TLSThreadingServer
+    from .tls_server import ServedDouble
 except ImportError:          # run as a script: tests/doubles is on sys.path
-    from tls_server import TLSThreadingServer
+    from tls_server import ServedDouble
 
 API_VERSION = "v71"
 REQUEST_LOG_SIZE = 1000
@@ -210,7 +210,6 @@ class _ControlError(Exception):
 # --------------------------------------------------------------------------
 
 
-_Server = TLSThreadingServer
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -275,7 +274,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 # --------------------------------------------------------------------------
 
 
-class AdyenDouble:
+class AdyenDouble(ServedDouble):
     """In-process Adyen double.
 
     CONTROL ENDPOINTS (JSON in / JSON out, no auth, not counted as API requests):
@@ -327,33 +326,8 @@ class AdyenDouble:
             self._stats["tls_handshake_failures"] += 1
 
     def start(self):
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        ctx.load_cert_chain(self.certfile, self.keyfile)
-        self._server = _Server((self.host, self.port), _Handler, self, ctx)
-        self.port = self._server.server_address[1]
-        self.base_url = "https://%s:%d" % (self.host, self.port)
-        self._thread = threading.Thread(target=self._server.serve_forever,
-                                        kwargs={"poll_interval": 0.1}, name="adyen-double",
-                                        daemon=True)
-        self._thread.start()
-        return self.base_url
-
-    def stop(self):
-        if self._server is None:
-            return
-        self._server.shutdown()
-        self._server.close_all_connections()
-        self._server.server_close()
-        self._thread.join(5)
-        self._server = None
-
-    def __enter__(self):
-        self.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop()
+        """Start serving in a background thread; return the base URL."""
+        return self.serve(_Handler, "adyen-double")
 
     # ------------------------------------------------------------ state
 

@@ -74,7 +74,8 @@ import uuid
 import zlib
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from stripe_double import _Handler, _Server  # noqa: E402  (shared HTTP plumbing)
+from stripe_double import _Handler  # noqa: E402  (shared HTTP plumbing)
+from tls_server import ServedDouble  # noqa: E402
 
 # Decimals PayPal takes per currency (developer.paypal.com "Currency codes").
 CURRENCY_DECIMALS = {c: 2 for c in (
@@ -187,7 +188,7 @@ def signed_message(transmission_id, transmission_time, webhook_id, body):
                             zlib.crc32(body) & 0xFFFFFFFF)
 
 
-class PayPalDouble:
+class PayPalDouble(ServedDouble):
     """In-process PayPal double.
 
     CONTROL ENDPOINTS (JSON, no auth): ``POST /_double/orders/{id}/approve``
@@ -224,42 +225,20 @@ class PayPalDouble:
     # ------------------------------------------------------------ life
 
     def start(self):
-        import ssl
+        """Make the webhook signing certificate, then serve; return the base URL."""
         self._tmp = tempfile.mkdtemp(prefix="crmpay-paypal-")
         key, crt = make_signing_cert(self._tmp, self.ca_cert, self.ca_key)
         with open(crt) as fh:
             self.cert_pem = fh.read()
         self.cert_path = crt
         self._signer = _Signer(key)
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        ctx.load_cert_chain(self.certfile, self.keyfile)
-        self._server = _Server((self.host, self.port), _Handler, self, ctx)
-        self.port = self._server.server_address[1]
-        self.base_url = "https://%s:%d" % (self.host, self.port)
-        self._thread = threading.Thread(target=self._server.serve_forever,
-                                        kwargs={"poll_interval": 0.1},
-                                        name="paypal-double", daemon=True)
-        self._thread.start()
-        return self.base_url
+        return self.serve(_Handler, "paypal-double")
 
     def stop(self):
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.close_all_connections()
-            self._server.server_close()
-            self._thread.join(5)
-            self._server = None
+        super().stop()
         if self._tmp:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
-
-    def __enter__(self):
-        self.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop()
 
     @property
     def cert_url(self):

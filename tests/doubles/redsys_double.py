@@ -118,9 +118,9 @@ import zoneinfo
 from xml.sax.saxutils import escape as xml_escape
 
 try:
-    from .tls_server import TLSThreadingServer
+    from .tls_server import ServedDouble
 except ImportError:          # run as a script: tests/doubles is on sys.path
-    from tls_server import TLSThreadingServer
+    from tls_server import ServedDouble
 
 SIGNATURE_VERSION = "HMAC_SHA256_V1"
 REDIRECT_PATH = "/sis/realizarPago"
@@ -252,7 +252,6 @@ def field(params, name):
 # HTTP plumbing
 # --------------------------------------------------------------------------
 
-_Server = TLSThreadingServer
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -314,7 +313,7 @@ class SisError(Exception):
 # The double
 # --------------------------------------------------------------------------
 
-class RedsysDouble:
+class RedsysDouble(ServedDouble):
     """In-process Redsys double (see the module docstring)."""
 
     def __init__(self, certfile, keyfile, host="127.0.0.1", port=0, verbose=False,
@@ -339,33 +338,8 @@ class RedsysDouble:
             self._stats["tls_failures"] += 1
 
     def start(self):
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        ctx.load_cert_chain(self.certfile, self.keyfile)
-        self._server = _Server((self.host, self.port), _Handler, self, ctx)
-        self.port = self._server.server_address[1]
-        self.base_url = "https://%s:%d" % (self.host, self.port)
-        self._thread = threading.Thread(target=self._server.serve_forever,
-                                        kwargs={"poll_interval": 0.1},
-                                        name="redsys-double", daemon=True)
-        self._thread.start()
-        return self.base_url
-
-    def stop(self):
-        if self._server is None:
-            return
-        self._server.shutdown()
-        self._server.close_all_connections()
-        self._server.server_close()
-        self._thread.join(5)
-        self._server = None
-
-    def __enter__(self):
-        self.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop()
+        """Start serving in a background thread; return the base URL."""
+        return self.serve(_Handler, "redsys-double")
 
     # ----------------------------------------------------------------- state
 

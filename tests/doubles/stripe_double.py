@@ -81,9 +81,9 @@ import traceback
 import urllib.parse
 
 try:
-    from .tls_server import TLSThreadingServer
+    from .tls_server import ServedDouble
 except ImportError:          # run as a script: tests/doubles is on sys.path
-    from tls_server import TLSThreadingServer
+    from tls_server import ServedDouble
 
 # --------------------------------------------------------------------------
 # Constants
@@ -425,7 +425,6 @@ LIST_FILTERS = {
 # --------------------------------------------------------------------------
 
 
-_Server = TLSThreadingServer
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -517,7 +516,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 # --------------------------------------------------------------------------
 
 
-class StripeDouble:
+class StripeDouble(ServedDouble):
     """In-process Stripe double.
 
     CONTROL ENDPOINTS (JSON in / JSON out, no auth, not counted as API requests):
@@ -572,39 +571,7 @@ class StripeDouble:
 
     def start(self):
         """Start serving in a background thread; return the base URL."""
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        ctx.load_cert_chain(self.certfile, self.keyfile)
-        try:
-            ctx.set_alpn_protocols(["http/1.1"])
-        except NotImplementedError:
-            pass
-        self._server = _Server((self.host, self.port), _Handler, self, ctx)
-        self.port = self._server.server_address[1]
-        host = self.host if ":" not in self.host else "[%s]" % self.host
-        self.base_url = "https://%s:%d" % (host, self.port)
-        self._thread = threading.Thread(target=self._server.serve_forever,
-                                        kwargs={"poll_interval": 0.1},
-                                        name="stripe-double", daemon=True)
-        self._thread.start()
-        return self.base_url
-
-    def stop(self):
-        """Stop serving and drop open keep-alive connections."""
-        if self._server is None:
-            return
-        self._server.shutdown()
-        self._server.close_all_connections()
-        self._server.server_close()
-        self._thread.join(5)
-        self._server = None
-
-    def __enter__(self):
-        self.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop()
+        return self.serve(_Handler, "stripe-double")
 
     # ----------------------------------------------------------------- state
 

@@ -8,6 +8,8 @@ can shut down every open connection (fault injection, stop()).
 
 The double passed in must have a ``verbose`` attribute and a
 ``_note_tls_failure(exc)`` method (it counts failed handshakes).
+``ServedDouble`` is the lifecycle every double shares: serve in a
+background thread, stop, and use as a context manager.
 """
 
 import http.server
@@ -68,3 +70,47 @@ class TLSThreadingServer(http.server.ThreadingHTTPServer):
                 c.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+
+class ServedDouble:
+    """Serving a double over HTTPS: ``serve(handler, name)`` starts the
+    server thread and returns the base URL; ``stop()`` drops open keep-alive
+    connections and stops; ``with double:`` does both.  The subclass sets
+    host, port (0: any free one), certfile and keyfile."""
+
+    _server = None
+    _thread = None
+
+    def serve(self, handler, name):
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(self.certfile, self.keyfile)
+        try:
+            ctx.set_alpn_protocols(["http/1.1"])
+        except NotImplementedError:
+            pass
+        self._server = TLSThreadingServer((self.host, self.port), handler, self, ctx)
+        self.port = self._server.server_address[1]
+        host = self.host if ":" not in self.host else "[%s]" % self.host
+        self.base_url = "https://%s:%d" % (host, self.port)
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1},
+                                        name=name, daemon=True)
+        self._thread.start()
+        return self.base_url
+
+    def stop(self):
+        """Stop serving and drop open keep-alive connections."""
+        if self._server is None:
+            return
+        self._server.shutdown()
+        self._server.close_all_connections()
+        self._server.server_close()
+        self._thread.join(5)
+        self._server = None
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
