@@ -490,7 +490,7 @@ class PayPalDouble(ServedDouble):
 
     # -------------------------------------------------------- dispatch
 
-    def _dispatch(self, handler, method, raw_path, headers, body):
+    def _dispatch(self, method, raw_path, headers, body):
         parts = urllib.parse.urlsplit(raw_path)
         path = parts.path
         if path.startswith("/_double/"):

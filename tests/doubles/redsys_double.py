@@ -118,9 +118,9 @@ import zoneinfo
 from xml.sax.saxutils import escape as xml_escape
 
 try:
-    from .tls_server import ServedDouble
+    from .tls_server import DoubleHandler, ServedDouble
 except ImportError:          # run as a script: tests/doubles is on sys.path
-    from tls_server import ServedDouble
+    from tls_server import DoubleHandler, ServedDouble
 
 SIGNATURE_VERSION = "HMAC_SHA256_V1"
 REDIRECT_PATH = "/sis/realizarPago"
@@ -254,53 +254,9 @@ def field(params, name):
 
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    timeout = 60
-
-    def version_string(self):
-        return "Apache"
-
-    def log_message(self, fmt, *args):
-        if self.server.double.verbose:
-            sys.stderr.write("redsys_double: %s - %s\n" % (self.address_string(), fmt % args))
-
-    def do_GET(self):
-        self._handle("GET")
-
-    def do_POST(self):
-        self._handle("POST")
-
-    def _handle(self, method):
-        try:
-            length = int(self.headers.get("Content-Length") or 0)
-            body = self.rfile.read(length) if length > 0 else b""
-        except (ValueError, OSError):
-            self.close_connection = True
-            return
-        try:
-            resp = self.server.double._dispatch(method, self.path, self.headers, body)
-        except Exception:  # a bug in the double: answer 500, keep serving
-            traceback.print_exc()
-            resp = (500, {"Content-Type": "text/plain"}, b"redsys_double internal error")
-        if resp is None:  # drop faults: close without answering
-            self.close_connection = True
-            try:
-                self.connection.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            return
-        status, headers, payload = resp
-        try:
-            self.send_response(status)
-            for k, v in headers.items():
-                self.send_header(k, v)
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
-            self.wfile.flush()
-        except (ConnectionError, ssl.SSLError, socket.timeout, OSError):
-            self.close_connection = True
+class _Handler(DoubleHandler):
+    double_name = "redsys_double"
+    internal_error = (500, {"Content-Type": "text/plain"}, b"redsys_double internal error")
 
 
 class SisError(Exception):

@@ -81,9 +81,9 @@ import traceback
 import urllib.parse
 
 try:
-    from .tls_server import ServedDouble
+    from .tls_server import DoubleHandler, ServedDouble
 except ImportError:          # run as a script: tests/doubles is on sys.path
-    from tls_server import ServedDouble
+    from tls_server import DoubleHandler, ServedDouble
 
 # --------------------------------------------------------------------------
 # Constants
@@ -427,88 +427,14 @@ LIST_FILTERS = {
 
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server_version = "nginx"
+class _Handler(DoubleHandler):
+    server_header = "nginx"
     sys_version = ""
     timeout = 120            # idle keep-alive timeout per connection
-
-    def version_string(self):
-        return "nginx"
-
-    def log_message(self, fmt, *args):
-        if self.server.double.verbose:
-            sys.stderr.write("stripe_double: %s - %s\n" % (self.address_string(), fmt % args))
-
-    # Every method goes through the same dispatcher.
-    def do_GET(self):
-        self._handle("GET")
-
-    def do_POST(self):
-        self._handle("POST")
-
-    def do_DELETE(self):
-        self._handle("DELETE")
-
-    def do_PUT(self):
-        self._handle("PUT")
-
-    def do_PATCH(self):
-        self._handle("PATCH")
-
-    def _read_body(self):
-        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
-            chunks = []
-            while True:
-                line = self.rfile.readline(65537)
-                size = int(line.split(b";", 1)[0].strip() or b"0", 16)
-                if size == 0:
-                    while self.rfile.readline(65537) not in (b"\r\n", b"\n", b""):
-                        pass
-                    break
-                chunks.append(self.rfile.read(size))
-                self.rfile.readline(65537)
-            return b"".join(chunks)
-        length = int(self.headers.get("Content-Length") or 0)
-        return self.rfile.read(length) if length > 0 else b""
-
-    def _handle(self, method):
-        try:
-            body = self._read_body()
-        except (ValueError, OSError):
-            self.close_connection = True
-            return
-        try:
-            # None means "close the connection without answering" (drop faults).
-            resp = self.server.double._dispatch(self, method, self.path, self.headers, body)
-        except Exception:  # a bug in the double: answer 500, keep serving
-            traceback.print_exc()
-            payload = json.dumps({"error": {"type": "api_error",
-                                            "message": "stripe_double internal error"}})
-            resp = (500, {"Content-Type": "application/json"}, payload.encode())
-        if resp is None:
-            self._drop()
-            return
-        status, headers, payload = resp
-        try:
-            self.send_response(status)
-            for k, v in headers.items():
-                self.send_header(k, v)
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
-            self.wfile.flush()
-        except (ConnectionError, ssl.SSLError, socket.timeout, OSError):
-            self.close_connection = True
-            return
-
-    def _drop(self):
-        """Close the TCP connection without sending anything back."""
-        self.close_connection = True
-        try:
-            self.connection.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+    double_name = "stripe_double"
+    internal_error = (500, {"Content-Type": "application/json"},
+                      json.dumps({"error": {"type": "api_error",
+                                            "message": "stripe_double internal error"}}).encode())
 
 
 # --------------------------------------------------------------------------
@@ -702,7 +628,7 @@ class StripeDouble(ServedDouble):
 
     # ============================================================ dispatcher
 
-    def _dispatch(self, handler, method, raw_path, headers, body):
+    def _dispatch(self, method, raw_path, headers, body):
         """Route one HTTP request; return (status, headers, bytes) or None to drop."""
         parts = urllib.parse.urlsplit(raw_path)
         path = parts.path
@@ -710,11 +636,11 @@ class StripeDouble(ServedDouble):
             return self._control(method, path, parts.query, body)
         if path.startswith("/c/pay/"):
             return self._hosted_page(method, path, body)
-        return self._api(handler, method, path, parts.query, headers, body)
+        return self._api(method, path, parts.query, headers, body)
 
     # ----------------------------------------------------------- Stripe API
 
-    def _api(self, handler, method, path, query, headers, body):
+    def _api(self, method, path, query, headers, body):
         request_id = new_id("req_")
         body_text = body.decode("utf-8", errors="replace")
         auth_header = headers.get("Authorization")
@@ -870,7 +796,7 @@ class StripeDouble(ServedDouble):
                     idem_slot = slot_key
             if replay is not None:
                 sleep_latency()
-                return self._finish_fault(handler, fault, replay)
+                return self._finish_fault(fault, replay)
             base_headers["Idempotency-Key"] = idem_key
             base_headers["Original-Request"] = request_id
 
@@ -912,9 +838,9 @@ class StripeDouble(ServedDouble):
             threading.Thread(target=self._deliver_events, args=(pending,),
                              daemon=True).start()
 
-        return self._finish_fault(handler, fault, result)
+        return self._finish_fault(fault, result)
 
-    def _finish_fault(self, handler, fault, result):
+    def _finish_fault(self, fault, result):
         """Apply the faults that act after the endpoint ran (slow, drop_after_create)."""
         if fault and fault["mode"] == "slow":
             time.sleep(float(fault["delay"] if fault["delay"] is not None else 5.0))

@@ -9,13 +9,17 @@ can shut down every open connection (fault injection, stop()).
 The double passed in must have a ``verbose`` attribute and a
 ``_note_tls_failure(exc)`` method (it counts failed handshakes).
 ``ServedDouble`` is the lifecycle every double shares: serve in a
-background thread, stop, and use as a context manager.
+background thread, stop, and use as a context manager; ``DoubleHandler`` is
+the request plumbing they share (read the body, hand it to the double's
+``_dispatch``, write its answer or drop the connection).
 """
 
 import http.server
 import socket
 import ssl
+import sys
 import threading
+import traceback
 
 
 class TLSThreadingServer(http.server.ThreadingHTTPServer):
@@ -70,6 +74,95 @@ class TLSThreadingServer(http.server.ThreadingHTTPServer):
                 c.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+
+class DoubleHandler(http.server.BaseHTTPRequestHandler):
+    """Every method goes to ``self.server.double._dispatch(method, path,
+    headers, body)``, which returns (status, headers, payload), or None to
+    close the connection without answering (drop faults).  Subclasses set
+    the Server header, the log prefix and the answer to a bug in the
+    double."""
+
+    protocol_version = "HTTP/1.1"
+    timeout = 60             # idle keep-alive timeout per connection
+    server_header = "Apache"
+    double_name = "double"
+    internal_error = (500, {"Content-Type": "text/plain"}, b"internal error of the double")
+
+    def version_string(self):
+        return self.server_header
+
+    def log_message(self, fmt, *args):
+        if self.server.double.verbose:
+            sys.stderr.write("%s: %s - %s\n" % (self.double_name, self.address_string(), fmt % args))
+
+    def do_GET(self):
+        self._handle("GET")
+
+    def do_POST(self):
+        self._handle("POST")
+
+    def do_PUT(self):
+        self._handle("PUT")
+
+    def do_PATCH(self):
+        self._handle("PATCH")
+
+    def do_DELETE(self):
+        self._handle("DELETE")
+
+    def _read_body(self):
+        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+            chunks = []
+            while True:
+                line = self.rfile.readline(65537)
+                size = int(line.split(b";", 1)[0].strip() or b"0", 16)
+                if size == 0:
+                    while self.rfile.readline(65537) not in (b"\r\n", b"\n", b""):
+                        pass
+                    break
+                chunks.append(self.rfile.read(size))
+                self.rfile.readline(65537)
+            return b"".join(chunks)
+        length = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(length) if length > 0 else b""
+
+    def _dispatch(self, method, body):
+        return self.server.double._dispatch(method, self.path, self.headers, body)
+
+    def _handle(self, method):
+        try:
+            body = self._read_body()
+        except (ValueError, OSError):
+            self.close_connection = True
+            return
+        try:
+            resp = self._dispatch(method, body)
+        except Exception:  # a bug in the double: answer 500, keep serving
+            traceback.print_exc()
+            resp = self.internal_error
+        if resp is None:
+            self._drop()
+            return
+        status, headers, payload = resp
+        try:
+            self.send_response(status)
+            for k, v in headers.items():
+                self.send_header(k, v)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+            self.wfile.flush()
+        except (ConnectionError, ssl.SSLError, socket.timeout, OSError):
+            self.close_connection = True
+
+    def _drop(self):
+        """Close the TCP connection without sending anything back."""
+        self.close_connection = True
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
 
 class ServedDouble:
