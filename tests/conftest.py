@@ -94,6 +94,18 @@ def tls():
     shutil.rmtree(directory, ignore_errors=True)
 
 
+@pytest.fixture(scope="module")
+def stripe_double(tls):
+    """The Stripe double with the suite's key and webhook secret, shared by
+    a module's tests (each resets it as it needs)."""
+    from doubles.stripe_double import StripeDouble
+    from gateways import STRIPE_KEY, STRIPE_WHSEC
+
+    with StripeDouble(api_keys={STRIPE_KEY}, webhook_secret=STRIPE_WHSEC,
+                      certfile=tls["server_cert"], keyfile=tls["server_key"]) as double:
+        yield double
+
+
 @pytest.fixture(scope="session")
 def pg(pg_bindir, tls):
     """The session's shared cluster: crmpay preloaded, trusting the test CA."""

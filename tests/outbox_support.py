@@ -23,8 +23,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from doubles.stripe_double import StripeDouble
-from gateways import STRIPE_KEY, STRIPE_WHSEC, add_stripe_account
+from gateways import add_stripe_account
 
 WORKER_DB = "ob_main"
 OTHER_DB = "ob_other"
@@ -176,13 +175,9 @@ def worker_cluster(pg_bindir, tls):
 
 
 @pytest.fixture(scope="module")
-def stripe(tls):
+def stripe(stripe_double):
     """The Stripe double, shared by a module's tests (reset for each)."""
-    double = StripeDouble(api_keys={STRIPE_KEY}, webhook_secret=STRIPE_WHSEC,
-                          certfile=tls["server_cert"], keyfile=tls["server_key"])
-    double.start()
-    yield double
-    double.stop()
+    return stripe_double
 
 
 @pytest.fixture

@@ -23,15 +23,6 @@ KINDS = ("missing_in_crm", "missing_at_gateway", "amount_mismatch", "currency_mi
          "status_mismatch", "duplicate_payment", "refunded_at_gateway")
 
 
-@pytest.fixture(scope="module")
-def stripe_double(tls):
-    double = StripeDouble(api_keys={STRIPE_KEY}, webhook_secret=STRIPE_WHSEC,
-                          certfile=tls["server_cert"], keyfile=tls["server_key"])
-    double.start()
-    yield double
-    double.stop()
-
-
 @pytest.fixture
 def shop(db, stripe_double):
     stripe_double.reset()

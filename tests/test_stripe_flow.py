@@ -10,17 +10,7 @@ import psycopg
 import pytest
 from psycopg import errors
 
-from doubles.stripe_double import StripeDouble
 from gateways import STRIPE_KEY, STRIPE_WHSEC, add_stripe_account, deliver, payment
-
-
-@pytest.fixture(scope="module")
-def stripe_double(tls):
-    double = StripeDouble(api_keys={STRIPE_KEY}, webhook_secret=STRIPE_WHSEC,
-                          certfile=tls["server_cert"], keyfile=tls["server_key"])
-    double.start()
-    yield double
-    double.stop()
 
 
 @pytest.fixture
