@@ -102,6 +102,8 @@ extern Datum crmpay_text_param(const char *s, char *isnull);
 	" ON CONFLICT (account, gateway_payment_ref) DO UPDATE SET payment_id = excluded.payment_id" \
 	" WHERE payment_refs.payment_id <> excluded.payment_id"
 extern void crmpay_statement_keeps_payment_ref(int64 payment_id);
+extern void crmpay_upsert_payment_ref(const char *account, const char *gateway_payment_ref,
+									  int64 payment_id);
 struct TriggerData;
 extern void crmpay_sync_order_row(struct TriggerData *trigdata);
 extern bool crmpay_transition_allowed(const char *from_status, const char *to_status);

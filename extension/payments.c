@@ -291,6 +291,37 @@ crmpay_statement_keeps_payment_ref(int64 payment_id)
 	ref_kept_by_statement = payment_id;
 }
 
+/* PLAN_KEEP_REF with (account, gateway payment ref, payment id). */
+static void
+upsert_payment_ref(Datum *values)
+{
+	int			rc;
+
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "crmpay: SPI_connect failed");
+	rc = SPI_execute_plan(state_plan(PLAN_KEEP_REF), values, NULL, false, 0);
+	if (rc != SPI_OK_INSERT)
+		elog(ERROR, "crmpay: could not record the payment's gateway reference: %s",
+			 SPI_result_code_string(rc));
+	SPI_finish();
+}
+
+/*
+ * crmpay_upsert_payment_ref
+ *		Maps the account's gateway payment ref to the payment, replacing a
+ *		mapping to another payment (the direct intake path's rare case).
+ */
+void
+crmpay_upsert_payment_ref(const char *account, const char *gateway_payment_ref, int64 payment_id)
+{
+	Datum		values[3];
+
+	values[0] = CStringGetTextDatum(account);
+	values[1] = CStringGetTextDatum(gateway_payment_ref);
+	values[2] = Int64GetDatum(payment_id);
+	upsert_payment_ref(values);
+}
+
 /*
  * keep_payment_ref
  *		Keeps crmpay.payment_refs, the lookup of payments by the gateway's
@@ -309,7 +340,6 @@ keep_payment_ref(TriggerData *trigdata)
 	Datum		ref;
 	Datum		payment_id;
 	Datum		values[3];
-	int			rc;
 
 	desc = trigdata->tg_relation->rd_att;
 	new_tuple = TRIGGER_FIRED_BY_UPDATE(trigdata->tg_event) ? trigdata->tg_newtuple
@@ -336,13 +366,7 @@ keep_payment_ref(TriggerData *trigdata)
 	values[0] = heap_getattr(new_tuple, SPI_fnumber(desc, "account"), desc, &isnull);
 	values[1] = ref;
 	values[2] = payment_id;
-	if (SPI_connect() != SPI_OK_CONNECT)
-		elog(ERROR, "crmpay: SPI_connect failed");
-	rc = SPI_execute_plan(state_plan(PLAN_KEEP_REF), values, NULL, false, 0);
-	if (rc != SPI_OK_INSERT)
-		elog(ERROR, "crmpay: could not record the payment's gateway reference: %s",
-			 SPI_result_code_string(rc));
-	SPI_finish();
+	upsert_payment_ref(values);
 }
 
 /* The text of a column of a trigger tuple, or NULL. */

@@ -18,6 +18,7 @@
  *-------------------------------------------------------------------------
  */
 #include "provider.h"
+#include "intake.h"
 
 #include "catalog/pg_type.h"
 #include "common/hashfn.h"
@@ -278,18 +279,6 @@ spi_run(int which, Datum *values, const char *nulls, int expected)
 		elog(ERROR, "crmpay: intake statement %d failed: %s", which, SPI_result_code_string(rc));
 }
 
-/*
- * A status move decided by apply_event, written together with the event's
- * row (PLAN_MOVE_AND_INSERT_EVENT).
- */
-typedef struct PaymentMove
-{
-	int64		payment_id;		/* 0: no move */
-	const char *new_status;
-	const char *gateway_payment_ref;
-	int64		refunded_minor; /* -1: none */
-} PaymentMove;
-
 /* PLAN_MOVE_AND_INSERT_EVENT, telling the refs trigger that it keeps the payment's ref itself. */
 static void
 run_move_and_insert(Datum *values, const char *nulls, int64 payment_id)
@@ -315,14 +304,28 @@ static void
 record_event(const char *account, const char *provider, const CrmpayWebhookEvent *event,
 			 int64 payment_id, const char *outcome, const char *reason,
 			 const char *old_status, const char *new_status, int http_status,
-			 Datum headers, bool headers_null, text *body, const PaymentMove *move)
+			 Datum headers, bool headers_null, text *body, const PaymentMove *move,
+			 LockedPayment *locked)
 {
 	Datum		all_values[18];
 	char		all_nulls[18];
 	int			first = (move != NULL) ? 5 : 0;
 	Datum	   *values = all_values + first;
 	char	   *nulls = all_nulls + first;
+	/* a follow-up (e.g. PayPal's capture) is due only when the event moved the payment */
+	const char *follow_up = (event && outcome && strcmp(outcome, "applied") == 0)
+		? event->follow_up : NULL;
 
+	if (move != NULL && locked != NULL && locked->row != NULL)
+	{
+		/* found by the direct path: written by it too (intake_direct.c) */
+		EventRow	row = {account, provider, event ? event->event_key : NULL,
+			event ? event->event_type : NULL, payment_id, outcome, reason, old_status,
+		new_status, http_status, headers, headers_null, body, follow_up};
+
+		crmpay_intake_write_move(locked, move, &row);
+		return;
+	}
 	if (move != NULL)
 	{
 		all_values[0] = Int64GetDatum(move->payment_id);
@@ -350,9 +353,7 @@ record_event(const char *account, const char *provider, const CrmpayWebhookEvent
 	nulls[10] = headers_null ? 'n' : ' ';
 	values[11] = PointerGetDatum(body);
 	nulls[11] = body ? ' ' : 'n';
-	/* a follow-up (e.g. PayPal's capture) is due only when the event moved the payment */
-	values[12] = crmpay_text_param(event && outcome && strcmp(outcome, "applied") == 0
-							  ? event->follow_up : NULL, &nulls[12]);
+	values[12] = crmpay_text_param(follow_up, &nulls[12]);
 	if (move == NULL)
 		spi_run(PLAN_INSERT_EVENT, values, nulls, SPI_OK_INSERT);
 	else
@@ -376,7 +377,7 @@ record_event(const char *account, const char *provider, const CrmpayWebhookEvent
 static const char *
 apply_event(const char *account, const CrmpayWebhookEvent *event, const char **reason,
 			int64 *payment_id, char **old_status, const char **new_status,
-			PaymentMove *move)
+			PaymentMove *move, LockedPayment *locked)
 {
 	Datum		values[5];
 	char		nulls[5];
@@ -392,6 +393,7 @@ apply_event(const char *account, const CrmpayWebhookEvent *event, const char **r
 	int64		refunded;
 	const char *target = event->new_status;
 	int64		refunded_total = event->refunded_minor;
+	IntakeLookup lookup;
 
 	*payment_id = 0;
 	*old_status = NULL;
@@ -418,17 +420,26 @@ apply_event(const char *account, const CrmpayWebhookEvent *event, const char **r
 	values[4] = CStringGetTextDatum(event->event_key);
 	nulls[4] = ' ';
 	found = false;
+	lookup = LOOKUP_USE_SQL;
 	if (event->gateway_ref != NULL)
 	{
-		spi_run(PLAN_FIND_BY_LINK, values, nulls, SPI_OK_SELECT);
-		found = (SPI_processed > 0);
+		/* the common case, by two index probes where that is exact (intake_direct.c) */
+		lookup = crmpay_intake_find_by_link(account, event->gateway_ref, event->event_key, locked);
+		found = (lookup == LOOKUP_FOUND);
+		if (lookup == LOOKUP_USE_SQL)
+		{
+			spi_run(PLAN_FIND_BY_LINK, values, nulls, SPI_OK_SELECT);
+			found = (SPI_processed > 0);
+		}
 	}
 	if (!found)
 	{
 		spi_run(PLAN_FIND_PAYMENT, values, nulls, SPI_OK_SELECT);
 		found = (SPI_processed > 0);
 	}
-	if (found)
+	if (found && locked->row != NULL)
+		applied = locked->applied;
+	else if (found)
 	{
 		row = SPI_tuptable->vals[0];
 		desc = SPI_tuptable->tupdesc;
@@ -462,11 +473,22 @@ apply_event(const char *account, const CrmpayWebhookEvent *event, const char **r
 		*reason = "no matching payment";
 		return "ignored";
 	}
-	*payment_id = DatumGetInt64(SPI_getbinval(row, desc, 2, &isnull));
-	status = SPI_getvalue(row, desc, 3);
-	amount = DatumGetInt64(SPI_getbinval(row, desc, 4, &isnull));
-	currency = SPI_getvalue(row, desc, 5);
-	refunded = DatumGetInt64(SPI_getbinval(row, desc, 6, &isnull));
+	if (locked->row != NULL)
+	{
+		*payment_id = locked->id;
+		status = locked->status;
+		amount = locked->amount_minor;
+		currency = locked->currency;
+		refunded = locked->refunded_minor;
+	}
+	else
+	{
+		*payment_id = DatumGetInt64(SPI_getbinval(row, desc, 2, &isnull));
+		status = SPI_getvalue(row, desc, 3);
+		amount = DatumGetInt64(SPI_getbinval(row, desc, 4, &isnull));
+		currency = SPI_getvalue(row, desc, 5);
+		refunded = DatumGetInt64(SPI_getbinval(row, desc, 6, &isnull));
+	}
 
 	/* money facts must match what was asked for before they count */
 	if ((strcmp(target, "paid") == 0 || strcmp(target, "processing") == 0) &&
@@ -594,7 +616,7 @@ crmpay_receive_webhook(PG_FUNCTION_ARGS)
 	{
 		record_event(account ? account : "", verdict.provider, NULL, 0, "rejected",
 					 verdict.reason, NULL, NULL, verdict.http_status, headers, headers_null, body,
-					 NULL);
+					 NULL, NULL);
 		emit_row(rsinfo, verdict.http_status, verdict.reason, "rejected", NULL);
 	}
 	else
@@ -608,6 +630,7 @@ crmpay_receive_webhook(PG_FUNCTION_ARGS)
 			const char *new_status = NULL;
 			const char *outcome;
 			PaymentMove move = {0};
+			LockedPayment locked = {0};
 
 			/* an item of a batch that failed its own check is never applied */
 			if (event->rejected_reason != NULL)
@@ -618,14 +641,16 @@ crmpay_receive_webhook(PG_FUNCTION_ARGS)
 			else
 			{
 				outcome = apply_event(account, event, &reason, &payment_id,
-									  &old_status, &new_status, &move);
+									  &old_status, &new_status, &move, &locked);
 				if (strcmp(outcome, "applied") == 0 && event->follow_up != NULL)
 					queue_follow_up(account, event, payment_id);
 			}
 
+			if (move.payment_id == 0)
+				crmpay_intake_release(&locked);
 			record_event(account, verdict.provider, event, payment_id, outcome, reason,
 						 old_status, new_status, 200, headers, headers_null, body,
-						 move.payment_id > 0 ? &move : NULL);
+						 move.payment_id > 0 ? &move : NULL, &locked);
 			emit_row(rsinfo, 200, verdict.ack ? verdict.ack : "", outcome, event->event_key);
 		}
 	}
