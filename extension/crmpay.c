@@ -31,6 +31,7 @@ int			crmpay_connect_timeout_ms = 5000;
 int			crmpay_request_timeout_ms = 30000;
 int			crmpay_webhook_tolerance_s = 300;
 int			crmpay_max_webhook_bytes = 1024 * 1024;
+bool		crmpay_webhook_direct_path = true;
 
 void		_PG_init(void);
 
@@ -103,6 +104,16 @@ _PG_init(void)
 							PGC_SUSET,
 							GUC_UNIT_BYTE,
 							NULL, NULL, NULL);
+
+	DefineCustomBoolVariable("crmpay.webhook_direct_path",
+							 gettext_noop("Whether receive_webhook writes its common case without SQL statements."),
+							 gettext_noop("Off: every event goes through SQL statements (for executor-hook "
+										  "auditing such as pgaudit or pg_stat_statements)."),
+							 &crmpay_webhook_direct_path,
+							 true,
+							 PGC_SUSET,
+							 0,
+							 NULL, NULL, NULL);
 
 	crmpay_worker_define_gucs();
 	crmpay_paypal_define_gucs();

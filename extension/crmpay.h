@@ -23,6 +23,7 @@ extern int	crmpay_connect_timeout_ms;
 extern int	crmpay_request_timeout_ms;
 extern int	crmpay_webhook_tolerance_s;
 extern int	crmpay_max_webhook_bytes;
+extern bool crmpay_webhook_direct_path;
 
 /* ----------------------------------------------------------------
  * json.c: a small, non-throwing JSON tree reader (see json.h)

@@ -63,7 +63,7 @@ typedef enum IntakeLookup
 
 extern IntakeLookup crmpay_intake_find_by_link(const char *account, const char *gateway_ref,
 											   const char *event_key, LockedPayment *locked);
-extern void crmpay_intake_write_move(LockedPayment *locked, const PaymentMove *move,
+extern bool crmpay_intake_write_move(LockedPayment *locked, const PaymentMove *move,
 									 const EventRow *event);
 extern void crmpay_intake_release(LockedPayment *locked);
 

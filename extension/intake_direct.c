@@ -13,11 +13,19 @@
  *	  statements, which cost twice as much per event, mostly in executor
  *	  start-up.
  *
+ *	  The rows are written in the order the SQL statement writes them
+ *	  (the event, then the payment, then its payment_refs row), so triggers
+ *	  fire in the same order too.
+ *
  *	  The direct path is taken only where it is exactly equivalent: READ
- *	  COMMITTED, plain tables with crmpay's columns, no rules, no row-level
- *	  security, no statement-level triggers or transition tables.  Anything
- *	  else -- and every event that does not move its payment -- goes through
- *	  the SQL statements of webhook.c.
+ *	  COMMITTED and read-write, heap tables with crmpay's columns, defaults
+ *	  and indexes, no rules, no row-level security, no statement-level
+ *	  triggers or transition tables, no triggers on payment_refs (written
+ *	  with ON CONFLICT by the SQL), and crmpay.webhook_direct_path on (off:
+ *	  for auditing through executor hooks, which see no direct write).
+ *	  Anything else -- and every event that does not move its payment --
+ *	  goes through the SQL statements of webhook.c.  Written against
+ *	  PostgreSQL 15's executor (rte->updatedCols).
  *
  *-------------------------------------------------------------------------
  */
@@ -35,8 +43,10 @@
 #include "commands/trigger.h"
 #include "executor/executor.h"
 #include "nodes/makefuncs.h"
+#include "storage/lmgr.h"
 #include "utils/builtins.h"
 #include "utils/fmgroids.h"
+#include "utils/fmgrprotos.h"
 #include "utils/inval.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
@@ -176,20 +186,64 @@ load_columns(Relation rel, const ColumnSpec *specs, int count, Column *columns,
 	return true;
 }
 
-/* Whether the index is a btree on exactly these two columns. */
+/*
+ * Whether the index is the one crmpay created, as pg_get_indexdef prints it
+ * under the intake's search_path (columns, uniqueness, predicate, operator
+ * classes and collations all show there when they differ).
+ */
 static bool
-index_is_on(Oid indexid, AttrNumber first, AttrNumber second)
+index_is(Oid indexid, const char *definition)
+{
+	char	   *actual;
+
+	if (!OidIsValid(indexid))
+		return false;
+	actual = TextDatumGetCString(DirectFunctionCall1(pg_get_indexdef, ObjectIdGetDatum(indexid)));
+	return strcmp(actual, definition) == 0;
+}
+
+/* Whether a probe may use the index now (DROP INDEX CONCURRENTLY runs beside us). */
+static bool
+index_usable(Relation index)
+{
+	return index->rd_index->indisvalid && index->rd_index->indisready && index->rd_index->indislive;
+}
+
+/* index_usable() of an index given by its OID. */
+static bool
+index_usable_by_oid(Oid indexid)
 {
 	Relation	index = index_open(indexid, AccessShareLock);
-	bool		ok;
+	bool		usable = index_usable(index);
 
-	ok = index->rd_rel->relam == BTREE_AM_OID &&
-		IndexRelationGetNumberOfKeyAttributes(index) == 2 &&
-		index->rd_index->indkey.values[0] == first &&
-		index->rd_index->indkey.values[1] == second &&
-		RelationGetIndexExpressions(index) == NIL;
-	index_close(index, AccessShareLock);
-	return ok;
+	index_close(index, NoLock);
+	return usable;
+}
+
+/*
+ * Whether the table's column defaults are the ones the direct path writes
+ * itself: events.received_at = now() (transaction start) and no other.
+ */
+static bool
+defaults_as_created(Relation rel, AttrNumber now_column)
+{
+	TupleConstr *constr = RelationGetDescr(rel)->constr;
+
+	if (constr == NULL)
+		return true;
+	for (int i = 0; i < constr->num_defval; i++)
+	{
+		char	   *expression;
+
+		if (constr->defval[i].adnum != now_column)
+			return false;
+		expression = TextDatumGetCString(DirectFunctionCall2(pg_get_expr,
+															 CStringGetTextDatum(constr->defval[i].adbin),
+															 ObjectIdGetDatum(RelationGetRelid(rel))));
+		if (strcmp(expression, "now()") != 0)
+			return false;
+	}
+	return true;
 }
 
 /* Fills tables (once per backend, again after an invalidation). */
@@ -223,17 +277,21 @@ load_tables(void)
 	{
 		tables.by_link_index = get_relname_relid("payments_gateway_ref", schema);
 		tables.applied_index = get_relname_relid("events_applied_once", schema);
-		tables.refs_index = RelationGetPrimaryKeyIndex(rels[T_REFS]);
+		tables.refs_index = get_relname_relid("payment_refs_pkey", schema);
 		tables.event_id_sequence = getIdentitySequence(tables.relid[T_EVENTS],
 													   tables.event[E_ID].attnum, true);
-		usable = OidIsValid(tables.by_link_index) && OidIsValid(tables.applied_index) &&
-			OidIsValid(tables.refs_index) && OidIsValid(tables.event_id_sequence) &&
-			index_is_on(tables.by_link_index, tables.payment[P_ACCOUNT].attnum,
-						tables.payment[P_GATEWAY_REF].attnum) &&
-			index_is_on(tables.applied_index, tables.event[E_ACCOUNT].attnum,
-						tables.event[E_EVENT_KEY].attnum) &&
-			index_is_on(tables.refs_index, tables.ref[R_ACCOUNT].attnum,
-						tables.ref[R_PAYMENT_REF].attnum);
+		usable = OidIsValid(tables.event_id_sequence) &&
+			defaults_as_created(rels[T_EVENTS], tables.event[E_RECEIVED_AT].attnum) &&
+			defaults_as_created(rels[T_REFS], InvalidAttrNumber) &&
+			index_is(tables.by_link_index,
+					 "CREATE INDEX payments_gateway_ref ON crmpay.payments USING btree "
+					 "(account, gateway_ref) WHERE (gateway_ref IS NOT NULL)") &&
+			index_is(tables.applied_index,
+					 "CREATE UNIQUE INDEX events_applied_once ON crmpay.events USING btree "
+					 "(account, event_key) WHERE ((outcome)::text = 'applied'::text)") &&
+			index_is(tables.refs_index,
+					 "CREATE UNIQUE INDEX payment_refs_pkey ON crmpay.payment_refs USING btree "
+					 "(account, gateway_payment_ref)");
 	}
 	for (int i = 0; i < T_COUNT; i++)
 		table_close(rels[i], AccessShareLock);
@@ -243,19 +301,22 @@ load_tables(void)
 
 /*
  * Whether a statement on the table would do exactly what the direct path
- * does for a row: a plain table without rules, row-level security,
- * statement-level triggers or transition tables.
+ * does for a row: a plain heap table without rules, row-level security,
+ * statement-level triggers or transition tables (or without any trigger).
  */
 static bool
-writes_like_sql(Relation rel, bool update)
+writes_like_sql(Relation rel, bool update, bool any_trigger)
 {
 	TriggerDesc *trig = rel->trigdesc;
 
 	if (rel->rd_rel->relkind != RELKIND_RELATION || rel->rd_rel->relispartition ||
+		rel->rd_rel->relam != HEAP_TABLE_AM_OID ||
 		rel->rd_rel->relrowsecurity || rel->rd_rules != NULL)
 		return false;
 	if (trig == NULL)
 		return true;
+	if (any_trigger)
+		return false;
 	if (update)
 		return !(trig->trig_update_before_statement || trig->trig_update_after_statement ||
 				 trig->trig_update_old_table || trig->trig_update_new_table);
@@ -320,19 +381,36 @@ crmpay_intake_find_by_link(const char *account, const char *gateway_ref,
 	TM_Result	result;
 	TM_FailureData failure;
 
-	/* in REPEATABLE READ a changed row is a serialization failure: SQL's rules */
-	if (IsolationUsesXactSnapshot())
-		return LOOKUP_USE_SQL;
-	if (!tables.loaded || tables.stale)
-		load_tables();
-	if (!tables.usable)
+	/*
+	 * In REPEATABLE READ a changed row is a serialization failure, and a
+	 * read-only transaction refuses the lock: SQL's rules and messages.
+	 */
+	if (!crmpay_webhook_direct_path || IsolationUsesXactSnapshot() || XactReadOnly)
 		return LOOKUP_USE_SQL;
 
-	/* the locks the statements would take; kept to the end of the transaction */
-	for (int i = 0; i < T_COUNT; i++)
-		rels[i] = table_open(tables.relid[i], RowExclusiveLock);
-	usable = writes_like_sql(rels[T_PAYMENTS], true) && writes_like_sql(rels[T_REFS], false) &&
-		writes_like_sql(rels[T_EVENTS], false);
+	/*
+	 * The locks the statements would take, kept to the end of the
+	 * transaction; what we know of the tables is checked under them (DDL
+	 * committed while we waited is seen once they are held).
+	 */
+	for (int attempt = 0;; attempt++)
+	{
+		if (!tables.loaded || tables.stale)
+			load_tables();
+		if (!tables.usable)
+			return LOOKUP_USE_SQL;
+		for (int i = 0; i < T_COUNT; i++)
+			rels[i] = table_open(tables.relid[i], RowExclusiveLock);
+		if (!tables.stale)
+			break;
+		for (int i = 0; i < T_COUNT; i++)
+			table_close(rels[i], NoLock);
+		if (attempt == 3)
+			return LOOKUP_USE_SQL;
+	}
+	usable = writes_like_sql(rels[T_PAYMENTS], true, false) &&
+		writes_like_sql(rels[T_REFS], false, true) &&
+		writes_like_sql(rels[T_EVENTS], false, false);
 	if (!usable)
 	{
 		for (int i = 0; i < T_COUNT; i++)
@@ -345,6 +423,14 @@ crmpay_intake_find_by_link(const char *account, const char *gateway_ref,
 	snapshot = RegisterSnapshot(GetTransactionSnapshot());
 
 	index = index_open(tables.by_link_index, AccessShareLock);
+	if (!index_usable(index) || !index_usable_by_oid(tables.applied_index))
+	{
+		index_close(index, NoLock);
+		UnregisterSnapshot(snapshot);
+		for (int i = 0; i < T_COUNT; i++)
+			table_close(rels[i], NoLock);
+		return LOOKUP_USE_SQL;
+	}
 	row = table_slot_create(rels[T_PAYMENTS], NULL);
 	scan = probe(rels[T_PAYMENTS], index, snapshot, account, gateway_ref);
 	found = index_getnext_slot(scan, ForwardScanDirection, row);
@@ -459,7 +545,9 @@ empty_row(EState *estate, Relation rel)
  * The payment_refs row of the payment's gateway payment id, as the SQL
  * statement's INSERT ... ON CONFLICT writes it: nothing when the mapping
  * is there, a new row when it is not, and the statement itself (through
- * payments.c) in the rare case of a mapping to another payment.
+ * payments.c) in the rare case of a mapping to another payment.  The probe
+ * sees uncommitted rows and waits for their transactions, as ON CONFLICT
+ * does, so a mapping being written elsewhere is never inserted twice.
  */
 static void
 keep_payment_ref(EState *estate, ResultRelInfo *refs, const char *account,
@@ -467,15 +555,34 @@ keep_payment_ref(EState *estate, ResultRelInfo *refs, const char *account,
 {
 	Relation	index = index_open(tables.refs_index, AccessShareLock);
 	TupleTableSlot *existing = table_slot_create(refs->ri_RelationDesc, &estate->es_tupleTable);
+	SnapshotData dirty;
 	IndexScanDesc scan;
 	bool		found;
 	int64		mapped_to = 0;
 
-	scan = probe(refs->ri_RelationDesc, index, estate->es_snapshot, account, payment_ref);
-	found = index_getnext_slot(scan, ForwardScanDirection, existing);
-	if (found)
-		mapped_to = slot_int8(existing, tables.ref[R_PAYMENT_ID].attnum);
-	index_endscan(scan);
+	if (!index_usable(index))
+	{
+		index_close(index, NoLock);
+		crmpay_upsert_payment_ref(account, payment_ref, payment_id);
+		return;
+	}
+	for (;;)
+	{
+		TransactionId in_progress = InvalidTransactionId;
+
+		InitDirtySnapshot(dirty);
+		scan = probe(refs->ri_RelationDesc, index, &dirty, account, payment_ref);
+		found = index_getnext_slot(scan, ForwardScanDirection, existing);
+		if (found)
+		{
+			in_progress = TransactionIdIsValid(dirty.xmin) ? dirty.xmin : dirty.xmax;
+			mapped_to = slot_int8(existing, tables.ref[R_PAYMENT_ID].attnum);
+		}
+		index_endscan(scan);
+		if (!TransactionIdIsValid(in_progress))
+			break;
+		XactLockTableWait(in_progress, NULL, NULL, XLTW_None);
+	}
 	index_close(index, NoLock);
 
 	if (!found)
@@ -492,14 +599,43 @@ keep_payment_ref(EState *estate, ResultRelInfo *refs, const char *account,
 		crmpay_upsert_payment_ref(account, payment_ref, payment_id);
 }
 
+/* The event's row, as the SQL INSERT writes it (id and received_at by their defaults). */
+static void
+insert_event(EState *estate, ResultRelInfo *events, const EventRow *event, TimestampTz now)
+{
+	TupleTableSlot *row = empty_row(estate, events->ri_RelationDesc);
+
+	set_column(row, &tables.event[E_ID],
+			   Int64GetDatum(nextval_internal(tables.event_id_sequence, false)), false);
+	set_text(row, &tables.event[E_ACCOUNT], event->account);
+	set_text(row, &tables.event[E_PROVIDER], event->provider);
+	set_text(row, &tables.event[E_EVENT_KEY], event->event_key);
+	set_text(row, &tables.event[E_EVENT_TYPE], event->event_type);
+	set_column(row, &tables.event[E_PAYMENT_ID], Int64GetDatum(event->payment_id),
+			   event->payment_id <= 0);
+	set_text(row, &tables.event[E_OUTCOME], event->outcome);
+	set_text(row, &tables.event[E_REASON], event->reason);
+	set_text(row, &tables.event[E_OLD_STATUS], event->old_status);
+	set_text(row, &tables.event[E_NEW_STATUS], event->new_status);
+	set_column(row, &tables.event[E_HTTP_STATUS], Int32GetDatum(event->http_status), false);
+	set_column(row, &tables.event[E_HEADERS], event->headers, event->headers_null);
+	set_column(row, &tables.event[E_BODY], PointerGetDatum(event->body), event->body == NULL);
+	set_column(row, &tables.event[E_RECEIVED_AT], TimestampTzGetDatum(now), false);
+	set_text(row, &tables.event[E_FOLLOW_UP], event->follow_up);
+	ExecStoreVirtualTuple(row);
+	ExecSimpleRelationInsert(events, estate, row);
+}
+
 /*
  * crmpay_intake_write_move
  *		What PLAN_MOVE_AND_INSERT_EVENT of webhook.c does for a payment found
- *		by crmpay_intake_find_by_link: the state machine's UPDATE
- *		(CRMPAY_PAYMENT_MOVE_SQL), the payment_refs row of a gateway payment
- *		id the event brings, and the event's row, with their row triggers.
+ *		by crmpay_intake_find_by_link: the event's row, the state machine's
+ *		UPDATE (CRMPAY_PAYMENT_MOVE_SQL) and the payment_refs row of a
+ *		gateway payment id the event brings, with their row triggers.  False
+ *		(nothing written, the row released) when this transaction changed
+ *		the payment since it was found: the statement then writes.
  */
-void
+bool
 crmpay_intake_write_move(LockedPayment *locked, const PaymentMove *move, const EventRow *event)
 {
 	EState	   *estate;
@@ -508,18 +644,33 @@ crmpay_intake_write_move(LockedPayment *locked, const PaymentMove *move, const E
 	List	   *range_table = NIL;
 	TupleTableSlot *old_row = locked->row;
 	TupleTableSlot *new_row;
-	TupleTableSlot *event_row;
 	Bitmapset  *updated = NULL;
 	TimestampTz now = GetCurrentTransactionStartTimestamp();
 	char	   *payment_ref;
 	bool		isnull;
+	bool		moved;
+	bool		current;
+	Relation	payments;
 	MemoryContext callercxt;
+
+	/* as the statement would: see this transaction's writes so far */
+	CommandCounterIncrement();
+	PushActiveSnapshot(GetTransactionSnapshot());
+	payments = table_open(tables.relid[T_PAYMENTS], NoLock);	/* locked by the find */
+	current = table_tuple_satisfies_snapshot(payments, old_row, GetActiveSnapshot());
+	table_close(payments, NoLock);
+	if (!current)
+	{
+		PopActiveSnapshot();
+		crmpay_intake_release(locked);
+		return false;
+	}
 
 	estate = CreateExecutorState();
 	callercxt = MemoryContextSwitchTo(estate->es_query_cxt);
 
 	/* the columns the UPDATE sets, for UPDATE OF triggers */
-	for (int c = P_STATUS; c < P_COUNT; c++)
+	for (int c = 0; c < P_COUNT; c++)
 		if (c == P_STATUS || c == P_PAYMENT_REF || c == P_REFUNDED || c == P_PAID_AT || c == P_UPDATED_AT)
 			updated = bms_add_member(updated, tables.payment[c].attnum - FirstLowInvalidHeapAttributeNumber);
 	for (int i = 0; i < T_COUNT; i++)
@@ -537,6 +688,7 @@ crmpay_intake_write_move(LockedPayment *locked, const PaymentMove *move, const E
 	}
 	ExecInitRangeTable(estate, range_table);
 	estate->es_output_cid = GetCurrentCommandId(true);
+	estate->es_snapshot = GetActiveSnapshot();
 	for (int i = 0; i < T_COUNT; i++)
 	{
 		result_rels[i] = makeNode(ResultRelInfo);
@@ -544,8 +696,6 @@ crmpay_intake_write_move(LockedPayment *locked, const PaymentMove *move, const E
 		ExecOpenIndices(result_rels[i], false);
 	}
 	EvalPlanQualInit(&epqstate, estate, NULL, NIL, -1);
-	PushActiveSnapshot(GetTransactionSnapshot());
-	estate->es_snapshot = GetActiveSnapshot();
 	AfterTriggerBeginQuery();
 
 	/* the move: every column as it is, but those CRMPAY_PAYMENT_MOVE_SQL sets */
@@ -568,38 +718,26 @@ crmpay_intake_write_move(LockedPayment *locked, const PaymentMove *move, const E
 	}
 	set_column(new_row, &tables.payment[P_UPDATED_AT], TimestampTzGetDatum(now), false);
 	ExecStoreVirtualTuple(new_row);
+	ItemPointerSetInvalid(&new_row->tts_tid);
 
 	/* the trigger leaves payment_refs to us for this payment */
 	crmpay_statement_keeps_payment_ref(locked->id);
 	PG_TRY();
 	{
+		/* in the SQL statement's order: the event, then its CTEs */
+		insert_event(estate, result_rels[T_EVENTS], event, now);
 		ExecSimpleRelationUpdate(result_rels[T_PAYMENTS], estate, &epqstate, old_row, new_row);
 
-		/* as the SQL: the mapping of the payment's ref once the event brings one */
-		payment_ref = slot_text(new_row, tables.payment[P_PAYMENT_REF].attnum);
+		/*
+		 * As the SQL: the mapping of the payment's ref once the event brings
+		 * one, and only if the UPDATE happened (a BEFORE trigger may skip
+		 * it; the row then keeps its tid, or none was stored).
+		 */
+		moved = ItemPointerIsValid(&new_row->tts_tid) &&
+			!ItemPointerEquals(&new_row->tts_tid, &old_row->tts_tid);
+		payment_ref = moved ? slot_text(new_row, tables.payment[P_PAYMENT_REF].attnum) : NULL;
 		if (payment_ref != NULL && move->gateway_payment_ref != NULL)
 			keep_payment_ref(estate, result_rels[T_REFS], event->account, payment_ref, locked->id);
-
-		event_row = empty_row(estate, result_rels[T_EVENTS]->ri_RelationDesc);
-		set_column(event_row, &tables.event[E_ID],
-				   Int64GetDatum(nextval_internal(tables.event_id_sequence, false)), false);
-		set_text(event_row, &tables.event[E_ACCOUNT], event->account);
-		set_text(event_row, &tables.event[E_PROVIDER], event->provider);
-		set_text(event_row, &tables.event[E_EVENT_KEY], event->event_key);
-		set_text(event_row, &tables.event[E_EVENT_TYPE], event->event_type);
-		set_column(event_row, &tables.event[E_PAYMENT_ID], Int64GetDatum(event->payment_id),
-				   event->payment_id <= 0);
-		set_text(event_row, &tables.event[E_OUTCOME], event->outcome);
-		set_text(event_row, &tables.event[E_REASON], event->reason);
-		set_text(event_row, &tables.event[E_OLD_STATUS], event->old_status);
-		set_text(event_row, &tables.event[E_NEW_STATUS], event->new_status);
-		set_column(event_row, &tables.event[E_HTTP_STATUS], Int32GetDatum(event->http_status), false);
-		set_column(event_row, &tables.event[E_HEADERS], event->headers, event->headers_null);
-		set_column(event_row, &tables.event[E_BODY], PointerGetDatum(event->body), event->body == NULL);
-		set_column(event_row, &tables.event[E_RECEIVED_AT], TimestampTzGetDatum(now), false);
-		set_text(event_row, &tables.event[E_FOLLOW_UP], event->follow_up);
-		ExecStoreVirtualTuple(event_row);
-		ExecSimpleRelationInsert(result_rels[T_EVENTS], estate, event_row);
 
 		/* the AFTER row triggers: NOTIFY, the CRM's order row, the CRM's own */
 		AfterTriggerEndQuery(estate);
@@ -610,9 +748,9 @@ crmpay_intake_write_move(LockedPayment *locked, const PaymentMove *move, const E
 	}
 	PG_END_TRY();
 
+	EvalPlanQualEnd(&epqstate);
 	ExecCloseResultRelations(estate);
 	ExecCloseRangeTableRelations(estate);
-	EvalPlanQualEnd(&epqstate);
 	ExecResetTupleTable(estate->es_tupleTable, false);
 	PopActiveSnapshot();
 	MemoryContextSwitchTo(callercxt);
@@ -622,4 +760,5 @@ crmpay_intake_write_move(LockedPayment *locked, const PaymentMove *move, const E
 	CommandCounterIncrement();
 	ereport(DEBUG1,
 			(errmsg_internal("crmpay: event \"%s\" applied by the direct path", event->event_key)));
+	return true;
 }

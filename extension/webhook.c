@@ -12,8 +12,10 @@
  *	  transaction and wakes the worker at commit.  It
  *	  never raises an ERROR for anything a sender controls (bad signature,
  *	  malformed body, unknown account).  The statements are prepared once
- *	  per backend and take parameters only.  crmpay.verify_signature() is
- *	  the same check as a pure function.
+ *	  per backend and take parameters only; the common event (found by its
+ *	  link, moving its payment) is found and written without them where
+ *	  that is exact (intake_direct.c).  crmpay.verify_signature() is the
+ *	  same check as a pure function.
  *
  *-------------------------------------------------------------------------
  */
@@ -189,7 +191,8 @@ intake_plan(int which)
 		 * ($1-$5, payments.c), the payment_refs row of a gateway payment id
 		 * it learns (written here rather than by the trigger, which this
 		 * statement tells to skip the payment), and the event's row
-		 * ($6-$18), in one statement.
+		 * ($6-$18), in one statement.  For a payment found by the direct
+		 * path, crmpay_intake_write_move() writes the same rows.
 		 */
 		[PLAN_MOVE_AND_INSERT_EVENT] = {
 			"WITH moved AS (" CRMPAY_PAYMENT_MOVE_SQL
@@ -208,6 +211,7 @@ intake_plan(int which)
 		/*
 		 * The common case of PLAN_FIND_PAYMENT: the event names the link
 		 * (the gateway's id of the payment page or order) and it is ours.
+		 * Run when crmpay_intake_find_by_link() cannot do the same.
 		 */
 		[PLAN_FIND_BY_LINK] = {
 			"SELECT EXISTS (SELECT 1 FROM crmpay.events e WHERE e.account = $1"
@@ -298,7 +302,8 @@ run_move_and_insert(Datum *values, const char *nulls, int64 payment_id)
 /*
  * record_event
  *		Records one delivery or event in crmpay.events; with a move, moves the
- *		payment in the same statement.
+ *		payment in the same statement, or through the direct path when the
+ *		payment was found by it (locked->row set).
  */
 static void
 record_event(const char *account, const char *provider, const CrmpayWebhookEvent *event,
@@ -323,8 +328,8 @@ record_event(const char *account, const char *provider, const CrmpayWebhookEvent
 			event ? event->event_type : NULL, payment_id, outcome, reason, old_status,
 		new_status, http_status, headers, headers_null, body, follow_up};
 
-		crmpay_intake_write_move(locked, move, &row);
-		return;
+		if (crmpay_intake_write_move(locked, move, &row))
+			return;
 	}
 	if (move != NULL)
 	{
@@ -372,7 +377,9 @@ record_event(const char *account, const char *provider, const CrmpayWebhookEvent
  *		(locked here); returns its outcome and fills *reason, *payment_id
  *		and the status change (*old_status and *new_status are set when the
  *		payment moves, and *move says how: the caller writes the move with
- *		the event's row).  Facts without a move are written here.
+ *		the event's row).  Facts without a move are written here.  A payment
+ *		found by the direct path is left in *locked (its row), for the
+ *		caller to write the move through it or release.
  */
 static const char *
 apply_event(const char *account, const CrmpayWebhookEvent *event, const char **reason,

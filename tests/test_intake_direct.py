@@ -109,7 +109,25 @@ def state(conn):
     return payments, events, refs
 
 
+def log_triggers(conn):
+    """AFTER and BEFORE row triggers on the three tables that log, in
+    firing order, what they saw."""
+    conn.execute("CREATE TABLE public.log (n serial, what text)")
+    conn.execute("""CREATE FUNCTION public.log_it() RETURNS trigger LANGUAGE plpgsql AS $$
+                    BEGIN
+                        INSERT INTO public.log (what) VALUES (concat_ws(':', TG_WHEN, TG_OP, TG_TABLE_NAME,
+                            (SELECT string_agg(order_ref || '=' || status, ',' ORDER BY order_ref)
+                               FROM crmpay.payments)));
+                        RETURN CASE WHEN TG_WHEN = 'BEFORE' THEN NEW END;
+                    END $$""")
+    for table in ("payments", "events"):
+        for when in ("BEFORE", "AFTER"):
+            conn.execute(f"CREATE TRIGGER log_{when.lower()} {when} INSERT OR UPDATE ON crmpay.{table} "
+                         f"FOR EACH ROW EXECUTE FUNCTION public.log_it()")
+
+
 def run_scenario(pg, db, db_name):
+    log_triggers(db)
     listener = pg.connect(db_name)
     notified = []
     listener.add_notify_handler(lambda n: notified.append(json.loads(n.payload)))
@@ -120,13 +138,15 @@ def run_scenario(pg, db, db_name):
     listener.close()
     for n in notified:
         del n["payment_id"]
-    return replies, notified, state(db), intake.direct
+    log = [r[0] for r in db.execute("SELECT what FROM public.log ORDER BY n")]
+    return replies, notified, state(db), intake.direct, log
 
 
 def test_direct_path_writes_what_the_sql_statements_write(pg, db, db_name):
     """The same deliveries, once as they come and once with a statement
     trigger on payments (which sends every event through the SQL
-    statements): the same replies, rows, mappings and notifications."""
+    statements): the same replies, rows, mappings and notifications, and
+    the same row triggers firing in the same order on the same data."""
     set_up_shop(db)
     direct = run_scenario(pg, db, db_name)
 
@@ -145,9 +165,10 @@ def test_direct_path_writes_what_the_sql_statements_write(pg, db, db_name):
     finally:
         pg.drop_database(other)
 
-    replies, notified, rows, direct_writes = direct
+    replies, notified, rows, direct_writes, log = direct
     assert direct_writes == 4           # evt_1, evt_4, evt_5 and evt_7 move a payment found by its link
     assert through_sql[3] == 0
+    assert log == through_sql[4] and len(log) == 40
     assert replies == through_sql[0]
     assert notified == through_sql[1]
     assert rows == through_sql[2]
@@ -164,13 +185,14 @@ def test_direct_path_writes_what_the_sql_statements_write(pg, db, db_name):
 
 def test_user_triggers_fire_as_for_the_sql_update(db):
     """BEFORE row triggers may change the row; AFTER UPDATE OF triggers fire
-    for the columns the move sets only; triggers on events fire too."""
-    set_up_shop(db, orders=("A",))
-    db.execute("CREATE TABLE public.log (what text)")
+    for the columns the move sets only; triggers on events fire too; all in
+    the order the SQL statement fires them (crmpay.webhook_direct_path off)."""
+    set_up_shop(db, orders=("A", "B"))
+    db.execute("CREATE TABLE public.log (n serial, what text)")
     db.execute("""CREATE FUNCTION public.stamp() RETURNS trigger LANGUAGE plpgsql AS $$
                   BEGIN NEW.metadata := NEW.metadata || '{"stamped": true}'; RETURN NEW; END $$""")
     db.execute("""CREATE FUNCTION public.log_it() RETURNS trigger LANGUAGE plpgsql AS $$
-                  BEGIN INSERT INTO public.log VALUES (TG_NAME || ':' || TG_TABLE_NAME); RETURN NULL; END $$""")
+                  BEGIN INSERT INTO public.log (what) VALUES (TG_NAME || ':' || TG_TABLE_NAME); RETURN NULL; END $$""")
     db.execute("CREATE TRIGGER stamp BEFORE UPDATE ON crmpay.payments FOR EACH ROW EXECUTE FUNCTION public.stamp()")
     db.execute("CREATE TRIGGER of_paid_at AFTER UPDATE OF paid_at ON crmpay.payments "
                "FOR EACH ROW EXECUTE FUNCTION public.log_it()")
@@ -181,11 +203,18 @@ def test_user_triggers_fire_as_for_the_sql_update(db):
     db.execute("CREATE TRIGGER new_event AFTER INSERT ON crmpay.events "
                "FOR EACH ROW EXECUTE FUNCTION public.log_it()")
     intake = Intake(db)
-    reply = intake.deliver(stripe_event("evt_t", "checkout.session.completed", session("cs_A", "ORD-A", pi="pi_A")))
-    assert reply[0][2] == "applied" and intake.direct == 1
-    assert sorted(r[0] for r in db.execute("SELECT what FROM public.log")) == [
-        "new_event:events", "of_paid_at:payments", "when_paid:payments"]
-    assert db.execute("SELECT metadata->>'stamped', status FROM crmpay.payments").fetchone() == ("true", "paid")
+    logs = []
+    for order, direct_path in (("A", "on"), ("B", "off")):
+        db.execute(f"SET crmpay.webhook_direct_path = {direct_path}")
+        db.execute("TRUNCATE public.log")
+        reply = intake.deliver(stripe_event("evt_" + order, "checkout.session.completed",
+                                            session("cs_" + order, "ORD-" + order, pi="pi_" + order)))
+        assert reply[0][2] == "applied"
+        logs.append([r[0] for r in db.execute("SELECT what FROM public.log ORDER BY n")])
+    assert intake.direct == 1
+    assert logs[0] == logs[1] == ["new_event:events", "of_paid_at:payments", "when_paid:payments"]
+    assert db.execute("SELECT array_agg(metadata->>'stamped' || status ORDER BY order_ref) FROM crmpay.payments"
+                      ).fetchone() == (["truepaid", "truepaid"],)
 
 
 def test_domains_are_checked(db):
@@ -345,3 +374,115 @@ def test_a_mapping_to_another_payment_moves(db):
     assert intake.direct == 1
     assert db.execute("SELECT p.order_ref FROM crmpay.payment_refs r JOIN crmpay.payments p ON p.id = r.payment_id "
                       "WHERE r.gateway_payment_ref = 'pi_X'").fetchall() == [("ORD-A",)]
+
+
+def test_a_mapping_being_written_elsewhere_is_waited_for(pg, db, db_name):
+    """Another transaction is writing the mapping of the gateway payment id
+    (not committed yet): the delivery waits for it, as ON CONFLICT does,
+    then moves the mapping instead of failing on the primary key."""
+    set_up_shop(db, orders=("A", "B"))
+    other = pg.connect(db_name)
+    other.execute("BEGIN")
+    other.execute("INSERT INTO crmpay.payment_refs SELECT 'shop', 'pi_X', id FROM crmpay.payments "
+                  "WHERE order_ref = 'ORD-B'")
+    result = {}
+
+    def deliver():
+        with pg.connect(db_name) as conn:
+            intake = Intake(conn)
+            result["reply"] = intake.deliver(stripe_event("evt_w", "checkout.session.completed",
+                                                          session("cs_A", "ORD-A", pi="pi_X")))
+            result["direct"] = intake.direct
+
+    thread = threading.Thread(target=deliver)
+    thread.start()
+    time.sleep(0.5)
+    assert "reply" not in result, "the delivery must wait for the transaction writing the mapping"
+    other.execute("COMMIT")
+    other.close()
+    thread.join(10)
+    assert result["reply"][0][2] == "applied" and result["direct"] == 1
+    assert db.execute("SELECT p.order_ref FROM crmpay.payment_refs r JOIN crmpay.payments p ON p.id = r.payment_id "
+                      "WHERE r.gateway_payment_ref = 'pi_X'").fetchall() == [("ORD-A",)]
+
+
+def test_an_update_skipped_by_a_before_trigger_writes_no_mapping(db):
+    """A BEFORE UPDATE trigger returning NULL skips the move: as with the SQL
+    statement, the event is still recorded and no payment_refs row appears."""
+    set_up_shop(db, orders=("A", "B"))
+    db.execute("""CREATE FUNCTION public.skip() RETURNS trigger LANGUAGE plpgsql AS $$
+                  BEGIN RETURN NULL; END $$""")
+    db.execute("CREATE TRIGGER skip BEFORE UPDATE ON crmpay.payments FOR EACH ROW EXECUTE FUNCTION public.skip()")
+    intake = Intake(db)
+    seen = []
+    for order, direct_path in (("A", "on"), ("B", "off")):
+        db.execute(f"SET crmpay.webhook_direct_path = {direct_path}")
+        reply = intake.deliver(stripe_event("evt_" + order, "checkout.session.completed",
+                                            session("cs_" + order, "ORD-" + order, pi="pi_" + order)))
+        seen.append((reply[0][2],) + db.execute(
+            "SELECT p.status, p.gateway_payment_ref, (SELECT count(*) FROM crmpay.payment_refs), "
+            "       (SELECT count(*) FROM crmpay.events WHERE event_key = %s) "
+            "  FROM crmpay.payments p WHERE order_ref = %s", ("evt_" + order, "ORD-" + order)).fetchone())
+    assert intake.direct == 1
+    assert seen[0] == seen[1] == ("applied", "open", None, 0, 1)
+
+
+@pytest.mark.parametrize("change", [
+    "CREATE TRIGGER refs AFTER INSERT ON crmpay.payment_refs FOR EACH ROW EXECUTE FUNCTION public.noop()",
+    "CREATE TRIGGER statement AFTER INSERT ON crmpay.events FOR EACH STATEMENT EXECUTE FUNCTION public.noop()",
+    "ALTER TABLE crmpay.events ALTER COLUMN received_at SET DEFAULT clock_timestamp()",
+    "UPDATE pg_index SET indisvalid = false WHERE indexrelid = 'crmpay.events_applied_once'::regclass",
+    "DROP INDEX crmpay.payments_gateway_ref",
+    "SET crmpay.webhook_direct_path = off",
+], ids=["trigger-on-refs", "statement-trigger-on-events", "other-default", "index-not-valid",
+        "index-dropped", "turned-off"])
+def test_the_sql_statements_take_over_where_the_direct_path_would_differ(db, change):
+    set_up_shop(db, orders=("A", "B"))
+    db.execute("CREATE FUNCTION public.noop() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NULL; END $$")
+    intake = Intake(db)
+    body = stripe_event("evt_a", "checkout.session.completed", session("cs_A", "ORD-A", pi="pi_A"))
+    assert intake.deliver(body)[0][2] == "applied" and intake.direct == 1
+    db.execute(change)
+    assert intake.deliver(stripe_event("evt_b", "checkout.session.completed",
+                                       session("cs_B", "ORD-B", pi="pi_B")))[0][2] == "applied"
+    assert intake.deliver(body)[0][2] == "duplicate"
+    assert intake.direct == 1
+    assert db.execute("SELECT status FROM crmpay.payments ORDER BY order_ref").fetchall() == [("paid",), ("paid",)]
+
+
+def test_a_read_only_transaction_is_refused_as_by_sql(db):
+    set_up_shop(db, orders=("A",))
+    intake = Intake(db)
+    db.execute("BEGIN READ ONLY")
+    with pytest.raises(errors.ReadOnlySqlTransaction, match="cannot execute SELECT FOR UPDATE"):
+        intake.deliver(stripe_event("evt_r", "checkout.session.completed", session("cs_A", "ORD-A", pi="pi_A")))
+    db.execute("ROLLBACK")
+    assert intake.direct == 0
+    assert db.execute("SELECT status FROM crmpay.payments").fetchone() == ("open",)
+
+
+def test_ddl_committed_while_waiting_for_the_tables_is_seen(pg, db, db_name):
+    """The table description is checked under the intake's table locks: a
+    column added by a transaction the delivery waited for gets its default."""
+    set_up_shop(db, orders=("A", "B"))
+    intake = Intake(db)
+    intake.deliver(stripe_event("evt_a", "checkout.session.completed", session("cs_A", "ORD-A", pi="pi_A")))
+    assert intake.direct == 1
+    ddl = pg.connect(db_name)
+    ddl.execute("BEGIN")
+    ddl.execute("ALTER TABLE crmpay.events ADD COLUMN note text DEFAULT 'noted'")
+    result = {}
+
+    def deliver():
+        result["reply"] = intake.deliver(stripe_event("evt_b", "checkout.session.completed",
+                                                      session("cs_B", "ORD-B", pi="pi_B")))
+
+    thread = threading.Thread(target=deliver)
+    thread.start()
+    time.sleep(0.5)
+    assert "reply" not in result, "the delivery must wait for the ALTER TABLE"
+    ddl.execute("COMMIT")
+    ddl.close()
+    thread.join(10)
+    assert result["reply"][0][2] == "applied" and intake.direct == 1
+    assert db.execute("SELECT note FROM crmpay.events WHERE event_key = 'evt_b'").fetchone() == ("noted",)
