@@ -119,9 +119,11 @@ typedef struct Column
  * What the direct path knows of the tables, per backend; read again after
  * a relcache invalidation of any of them (ALTER TABLE, CREATE INDEX, a new
  * trigger, DROP EXTENSION, also a VACUUM's statistics).  The invalidation
- * only marks it stale: it can arrive while an event is being written (any
- * relation open takes invalidations), and the tables cannot change shape
- * meanwhile -- the intake holds RowExclusiveLock on them.
+ * only marks it stale, and it is checked once the intake holds its
+ * RowExclusiveLock on the tables (open_tables): an invalidation can arrive
+ * in any relation open, even while an event is being written, but the
+ * tables cannot change shape while that lock is held.  What can change
+ * beside it -- an index being dropped CONCURRENTLY -- is checked at use.
  */
 typedef struct IntakeTables
 {
@@ -207,17 +209,6 @@ static bool
 index_usable(Relation index)
 {
 	return index->rd_index->indisvalid && index->rd_index->indisready && index->rd_index->indislive;
-}
-
-/* index_usable() of an index given by its OID. */
-static bool
-index_usable_by_oid(Oid indexid)
-{
-	Relation	index = index_open(indexid, AccessShareLock);
-	bool		usable = index_usable(index);
-
-	index_close(index, NoLock);
-	return usable;
 }
 
 /*
@@ -359,136 +350,151 @@ slot_int8(TupleTableSlot *slot, AttrNumber attnum)
 	return isnull ? 0 : DatumGetInt64(value);
 }
 
+static void
+close_tables(Relation *rels)
+{
+	for (int i = 0; i < T_COUNT; i++)
+		table_close(rels[i], NoLock);
+}
+
+/*
+ * Opens the three tables with the lock the statements would take (kept to
+ * the end of the transaction) and checks what we know of them under it:
+ * DDL committed while we waited is seen once the locks are held.  False
+ * (nothing open) when the direct path does not apply.
+ */
+static bool
+open_tables(Relation *rels)
+{
+	for (int attempt = 0;; attempt++)
+	{
+		if (!tables.loaded || tables.stale)
+			load_tables();
+		if (!tables.usable)
+			return false;
+		for (int i = 0; i < T_COUNT; i++)
+			rels[i] = table_open(tables.relid[i], RowExclusiveLock);
+		if (!tables.stale)
+			break;
+		close_tables(rels);
+		if (attempt == 3)
+			return false;
+	}
+	if (writes_like_sql(rels[T_PAYMENTS], true, false) &&
+		writes_like_sql(rels[T_REFS], false, true) &&
+		writes_like_sql(rels[T_EVENTS], false, false))
+		return true;
+	close_tables(rels);
+	return false;
+}
+
+/*
+ * The payment of the account with this link, locked FOR UPDATE in READ
+ * COMMITTED: wait for a transaction changing it, then take its latest
+ * version, as long as that still has the link.  LOOKUP_USE_SQL when the
+ * row was deleted or changed by this transaction since (the statement
+ * decides those).
+ */
+static IntakeLookup
+find_and_lock(Relation payments, Relation by_link, Snapshot snapshot, const char *account,
+			  const char *gateway_ref, TupleTableSlot *row)
+{
+	IndexScanDesc scan;
+	TM_Result	result;
+	TM_FailureData failure;
+	bool		found;
+
+	scan = probe(payments, by_link, snapshot, account, gateway_ref);
+	found = index_getnext_slot(scan, ForwardScanDirection, row);
+	index_endscan(scan);
+	if (!found)
+		return LOOKUP_NOT_FOUND;
+	result = table_tuple_lock(payments, &row->tts_tid, snapshot, row,
+							  GetCurrentCommandId(true), LockTupleExclusive, LockWaitBlock,
+							  TUPLE_LOCK_FLAG_FIND_LAST_VERSION, &failure);
+	if (result != TM_Ok)
+		return LOOKUP_USE_SQL;
+	if (failure.traversed)
+	{
+		char	   *now_account = slot_text(row, tables.payment[P_ACCOUNT].attnum);
+		char	   *now_link = slot_text(row, tables.payment[P_GATEWAY_REF].attnum);
+
+		if (now_account == NULL || now_link == NULL || strcmp(now_account, account) != 0 ||
+			strcmp(now_link, gateway_ref) != 0)
+			return LOOKUP_NOT_FOUND;
+	}
+	return LOOKUP_FOUND;
+}
+
+/* Whether the account has an applied event with this key. */
+static bool
+applied_already(Relation events, Relation applied_index, Snapshot snapshot, const char *account,
+				const char *event_key)
+{
+	TupleTableSlot *event = table_slot_create(events, NULL);
+	IndexScanDesc scan = probe(events, applied_index, snapshot, account, event_key);
+	bool		applied = false;
+
+	while (!applied && index_getnext_slot(scan, ForwardScanDirection, event))
+	{
+		char	   *outcome = slot_text(event, tables.event[E_OUTCOME].attnum);
+
+		applied = outcome != NULL && strcmp(outcome, "applied") == 0;
+	}
+	index_endscan(scan);
+	ExecDropSingleTupleTableSlot(event);
+	return applied;
+}
+
 /*
  * crmpay_intake_find_by_link
  *		What PLAN_FIND_BY_LINK of webhook.c does -- the payment of the
  *		account with this link, locked FOR UPDATE in its latest version, and
  *		whether the event was applied already -- by two index probes.
- *		LOOKUP_USE_SQL when the direct path does not apply (then nothing
- *		was locked and the caller runs the statement).
+ *		LOOKUP_USE_SQL when the direct path does not apply (then the
+ *		caller runs the statement).
  */
 IntakeLookup
 crmpay_intake_find_by_link(const char *account, const char *gateway_ref,
 						   const char *event_key, LockedPayment *locked)
 {
 	Relation	rels[T_COUNT];
-	Relation	index;
-	IndexScanDesc scan;
+	Relation	by_link;
+	Relation	applied;
 	Snapshot	snapshot;
-	TupleTableSlot *row;
-	bool		usable;
-	bool		found;
-	TM_Result	result;
-	TM_FailureData failure;
+	TupleTableSlot *row = NULL;
+	IntakeLookup lookup = LOOKUP_USE_SQL;
 
 	/*
 	 * In REPEATABLE READ a changed row is a serialization failure, and a
 	 * read-only transaction refuses the lock: SQL's rules and messages.
 	 */
-	if (!crmpay_webhook_direct_path || IsolationUsesXactSnapshot() || XactReadOnly)
+	if (!crmpay_webhook_direct_path || IsolationUsesXactSnapshot() || XactReadOnly ||
+		!open_tables(rels))
 		return LOOKUP_USE_SQL;
-
-	/*
-	 * The locks the statements would take, kept to the end of the
-	 * transaction; what we know of the tables is checked under them (DDL
-	 * committed while we waited is seen once they are held).
-	 */
-	for (int attempt = 0;; attempt++)
-	{
-		if (!tables.loaded || tables.stale)
-			load_tables();
-		if (!tables.usable)
-			return LOOKUP_USE_SQL;
-		for (int i = 0; i < T_COUNT; i++)
-			rels[i] = table_open(tables.relid[i], RowExclusiveLock);
-		if (!tables.stale)
-			break;
-		for (int i = 0; i < T_COUNT; i++)
-			table_close(rels[i], NoLock);
-		if (attempt == 3)
-			return LOOKUP_USE_SQL;
-	}
-	usable = writes_like_sql(rels[T_PAYMENTS], true, false) &&
-		writes_like_sql(rels[T_REFS], false, true) &&
-		writes_like_sql(rels[T_EVENTS], false, false);
-	if (!usable)
-	{
-		for (int i = 0; i < T_COUNT; i++)
-			table_close(rels[i], NoLock);
-		return LOOKUP_USE_SQL;
-	}
 
 	/* see what this transaction wrote so far, as the next statement would */
 	CommandCounterIncrement();
 	snapshot = RegisterSnapshot(GetTransactionSnapshot());
-
-	index = index_open(tables.by_link_index, AccessShareLock);
-	if (!index_usable(index) || !index_usable_by_oid(tables.applied_index))
+	by_link = index_open(tables.by_link_index, AccessShareLock);
+	applied = index_open(tables.applied_index, AccessShareLock);
+	if (index_usable(by_link) && index_usable(applied))
 	{
-		index_close(index, NoLock);
-		UnregisterSnapshot(snapshot);
-		for (int i = 0; i < T_COUNT; i++)
-			table_close(rels[i], NoLock);
-		return LOOKUP_USE_SQL;
+		row = table_slot_create(rels[T_PAYMENTS], NULL);
+		lookup = find_and_lock(rels[T_PAYMENTS], by_link, snapshot, account, gateway_ref, row);
+		if (lookup == LOOKUP_FOUND)
+			locked->applied = applied_already(rels[T_EVENTS], applied, snapshot, account, event_key);
 	}
-	row = table_slot_create(rels[T_PAYMENTS], NULL);
-	scan = probe(rels[T_PAYMENTS], index, snapshot, account, gateway_ref);
-	found = index_getnext_slot(scan, ForwardScanDirection, row);
-	index_endscan(scan);
-	index_close(index, NoLock);
-
-	if (found)
-	{
-		/* FOR UPDATE in READ COMMITTED: wait, then take the latest version */
-		result = table_tuple_lock(rels[T_PAYMENTS], &row->tts_tid, snapshot, row,
-								  GetCurrentCommandId(true), LockTupleExclusive, LockWaitBlock,
-								  TUPLE_LOCK_FLAG_FIND_LAST_VERSION, &failure);
-		if (result != TM_Ok)
-		{
-			/* deleted, or changed by this transaction since: the statement decides */
-			ExecDropSingleTupleTableSlot(row);
-			UnregisterSnapshot(snapshot);
-			for (int i = 0; i < T_COUNT; i++)
-				table_close(rels[i], NoLock);
-			return LOOKUP_USE_SQL;
-		}
-		if (failure.traversed)
-		{
-			/* a newer version: does it still have this link? */
-			char	   *now_account = slot_text(row, tables.payment[P_ACCOUNT].attnum);
-			char	   *now_link = slot_text(row, tables.payment[P_GATEWAY_REF].attnum);
-
-			found = now_account && now_link && strcmp(now_account, account) == 0 &&
-				strcmp(now_link, gateway_ref) == 0;
-		}
-	}
-	if (!found)
-	{
-		ExecDropSingleTupleTableSlot(row);
-		UnregisterSnapshot(snapshot);
-		for (int i = 0; i < T_COUNT; i++)
-			table_close(rels[i], NoLock);
-		return LOOKUP_NOT_FOUND;
-	}
-
-	/* was this event applied already? */
-	index = index_open(tables.applied_index, AccessShareLock);
-	{
-		TupleTableSlot *event = table_slot_create(rels[T_EVENTS], NULL);
-
-		locked->applied = false;
-		scan = probe(rels[T_EVENTS], index, snapshot, account, event_key);
-		while (!locked->applied && index_getnext_slot(scan, ForwardScanDirection, event))
-		{
-			char	   *outcome = slot_text(event, tables.event[E_OUTCOME].attnum);
-
-			locked->applied = outcome != NULL && strcmp(outcome, "applied") == 0;
-		}
-		index_endscan(scan);
-		ExecDropSingleTupleTableSlot(event);
-	}
-	index_close(index, NoLock);
+	index_close(applied, NoLock);
+	index_close(by_link, NoLock);
 	UnregisterSnapshot(snapshot);
+	close_tables(rels);
+	if (lookup != LOOKUP_FOUND)
+	{
+		if (row != NULL)
+			ExecDropSingleTupleTableSlot(row);
+		return lookup;
+	}
 
 	locked->row = row;
 	locked->id = slot_int8(row, tables.payment[P_ID].attnum);
@@ -496,8 +502,6 @@ crmpay_intake_find_by_link(const char *account, const char *gateway_ref,
 	locked->amount_minor = slot_int8(row, tables.payment[P_AMOUNT].attnum);
 	locked->currency = slot_text(row, tables.payment[P_CURRENCY].attnum);
 	locked->refunded_minor = slot_int8(row, tables.payment[P_REFUNDED].attnum);
-	for (int i = 0; i < T_COUNT; i++)
-		table_close(rels[i], NoLock);
 	return LOOKUP_FOUND;
 }
 
