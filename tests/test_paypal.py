@@ -125,6 +125,25 @@ def test_order_link_approve_capture_paid(shop, paypal):
     assert paypal.stats()["cert_fetches"] == 1         # the certificate is cached
 
 
+def test_a_payment_changed_while_its_capture_is_queued_still_moves(shop, paypal):
+    """Between finding the approved order's payment and writing its move,
+    the intake queues the capture job; a CRM trigger on crmpay.jobs that
+    updates the payment makes the found row version stale, and the move is
+    then written by the SQL statement on the latest version
+    (intake_direct.c), keeping the trigger's change."""
+    row = create_link(shop, "ORD-J")
+    shop.execute("""CREATE FUNCTION public.touch() RETURNS trigger LANGUAGE plpgsql AS $$
+                    BEGIN UPDATE crmpay.payments SET description = 'touched' WHERE id = NEW.payment_id;
+                          RETURN NULL; END $$""")
+    shop.execute("CREATE TRIGGER touch AFTER INSERT ON crmpay.jobs FOR EACH ROW EXECUTE FUNCTION public.touch()")
+    approved = paypal.approve(row["gateway_ref"])
+    assert deliver(shop, "pp", approved)[0][2] == "applied"
+    after = payment(shop, "pp", "ORD-J")
+    assert (after["status"], after["description"]) == ("processing", "touched")
+    assert shop.execute("SELECT old_status, new_status, follow_up FROM crmpay.events WHERE event_key = %s",
+                        (approved["event_id"],)).fetchone() == ("open", "processing", "capture")
+
+
 def test_capture_completed_webhook_settles_without_capture_call(shop, paypal):
     """If PayPal's capture webhook arrives first (capture made elsewhere), it settles."""
     row = create_link(shop, "ORD-2", "5.00", "USD")
