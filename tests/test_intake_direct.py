@@ -60,6 +60,37 @@ class Intake:
                                  "'shop', %s::jsonb, %s)", (signed(body), body)).fetchall()
 
 
+def delivered_after(release, waiting_for, intake_for):
+    """Delivers from another thread (intake_for() gives the Intake, the body
+    and what to do after), checks that the delivery waits, runs release(),
+    and returns the reply and how many direct writes that Intake counted."""
+    result = {}
+
+    def deliver():
+        intake, body, done = intake_for()
+        try:
+            result["reply"] = intake.deliver(body)
+            result["direct"] = intake.direct
+        finally:
+            done()
+
+    thread = threading.Thread(target=deliver)
+    thread.start()
+    time.sleep(0.5)
+    assert "reply" not in result, f"the delivery must wait for {waiting_for}"
+    release()
+    thread.join(10)
+    return result["reply"], result["direct"]
+
+
+def in_new_session(pg, db_name, body):
+    """For delivered_after: an Intake on a new connection, closed afterwards."""
+    def intake_for():
+        conn = pg.connect(db_name)
+        return Intake(conn), body, conn.close
+    return intake_for
+
+
 def set_up_shop(conn, orders=("A", "B", "C", "D", "E", "F")):
     conn.execute("SELECT crmpay.add_account('shop', 'stripe', '{\"secret_key\": \"sk_test_x\"}', %s, "
                  "'{\"success_url\": \"https://shop.example/paid\"}')", (WHSEC,))
@@ -292,22 +323,10 @@ def test_concurrent_events_decide_on_the_latest_status(pg, db, db_name, first, s
     set_up_shop(db, orders=("A",))
     db.execute("BEGIN")
     assert Intake(db).deliver(stripe_event("evt_first", "checkout.session.completed", first))[0][2] == "applied"
-    result = {}
-
-    def deliver_second():
-        with pg.connect(db_name) as conn:
-            intake = Intake(conn)
-            result["reply"] = intake.deliver(stripe_event("evt_second", *second))
-            result["direct"] = intake.direct
-
-    thread = threading.Thread(target=deliver_second)
-    thread.start()
-    time.sleep(0.5)
-    assert "reply" not in result, "the second delivery must wait for the payment's row lock"
-    db.execute("COMMIT")
-    thread.join(10)
-    assert result["reply"][0][2] == outcome
-    assert result["direct"] == (1 if outcome == "applied" else 0)
+    reply, direct = delivered_after(lambda: db.execute("COMMIT"), "the payment's row lock",
+                                    in_new_session(pg, db_name, stripe_event("evt_second", *second)))
+    assert reply[0][2] == outcome
+    assert direct == (1 if outcome == "applied" else 0)
     event = db.execute("SELECT old_status, reason FROM crmpay.events WHERE event_key = 'evt_second'").fetchone()
     if outcome == "applied":
         assert event[0] == old_status
@@ -321,18 +340,8 @@ def test_concurrent_copies_of_one_event_apply_once(pg, db, db_name):
     body = stripe_event("evt_same", "checkout.session.completed", session("cs_A", "ORD-A", pi="pi_A"))
     db.execute("BEGIN")
     assert Intake(db).deliver(body)[0][2] == "applied"
-    result = {}
-
-    def copy():
-        with pg.connect(db_name) as conn:
-            result["reply"] = Intake(conn).deliver(body)
-
-    thread = threading.Thread(target=copy)
-    thread.start()
-    time.sleep(0.5)
-    db.execute("COMMIT")
-    thread.join(10)
-    assert result["reply"][0][2] == "duplicate"
+    reply, _ = delivered_after(lambda: db.execute("COMMIT"), "the first copy", in_new_session(pg, db_name, body))
+    assert reply[0][2] == "duplicate"
     assert db.execute("SELECT count(*) FROM crmpay.events WHERE outcome = 'applied'").fetchone() == (1,)
 
 
@@ -385,23 +394,15 @@ def test_a_mapping_being_written_elsewhere_is_waited_for(pg, db, db_name):
     other.execute("BEGIN")
     other.execute("INSERT INTO crmpay.payment_refs SELECT 'shop', 'pi_X', id FROM crmpay.payments "
                   "WHERE order_ref = 'ORD-B'")
-    result = {}
 
-    def deliver():
-        with pg.connect(db_name) as conn:
-            intake = Intake(conn)
-            result["reply"] = intake.deliver(stripe_event("evt_w", "checkout.session.completed",
-                                                          session("cs_A", "ORD-A", pi="pi_X")))
-            result["direct"] = intake.direct
+    def release():
+        other.execute("COMMIT")
+        other.close()
 
-    thread = threading.Thread(target=deliver)
-    thread.start()
-    time.sleep(0.5)
-    assert "reply" not in result, "the delivery must wait for the transaction writing the mapping"
-    other.execute("COMMIT")
-    other.close()
-    thread.join(10)
-    assert result["reply"][0][2] == "applied" and result["direct"] == 1
+    body = stripe_event("evt_w", "checkout.session.completed", session("cs_A", "ORD-A", pi="pi_X"))
+    reply, direct = delivered_after(release, "the transaction writing the mapping",
+                                    in_new_session(pg, db_name, body))
+    assert reply[0][2] == "applied" and direct == 1
     assert db.execute("SELECT p.order_ref FROM crmpay.payment_refs r JOIN crmpay.payments p ON p.id = r.payment_id "
                       "WHERE r.gateway_payment_ref = 'pi_X'").fetchall() == [("ORD-A",)]
 
@@ -471,18 +472,12 @@ def test_ddl_committed_while_waiting_for_the_tables_is_seen(pg, db, db_name):
     ddl = pg.connect(db_name)
     ddl.execute("BEGIN")
     ddl.execute("ALTER TABLE crmpay.events ADD COLUMN note text DEFAULT 'noted'")
-    result = {}
 
-    def deliver():
-        result["reply"] = intake.deliver(stripe_event("evt_b", "checkout.session.completed",
-                                                      session("cs_B", "ORD-B", pi="pi_B")))
+    def release():
+        ddl.execute("COMMIT")
+        ddl.close()
 
-    thread = threading.Thread(target=deliver)
-    thread.start()
-    time.sleep(0.5)
-    assert "reply" not in result, "the delivery must wait for the ALTER TABLE"
-    ddl.execute("COMMIT")
-    ddl.close()
-    thread.join(10)
-    assert result["reply"][0][2] == "applied" and intake.direct == 1
+    body = stripe_event("evt_b", "checkout.session.completed", session("cs_B", "ORD-B", pi="pi_B"))
+    reply, direct = delivered_after(release, "the ALTER TABLE", lambda: (intake, body, lambda: None))
+    assert reply[0][2] == "applied" and direct == 1
     assert db.execute("SELECT note FROM crmpay.events WHERE event_key = 'evt_b'").fetchone() == ("noted",)
