@@ -295,14 +295,10 @@ crmpay_statement_keeps_payment_ref(int64 payment_id)
 static void
 upsert_payment_ref(Datum *values)
 {
-	int			rc;
-
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "crmpay: SPI_connect failed");
-	rc = SPI_execute_plan(state_plan(PLAN_KEEP_REF), values, NULL, false, 0);
-	if (rc != SPI_OK_INSERT)
-		elog(ERROR, "crmpay: could not record the payment's gateway reference: %s",
-			 SPI_result_code_string(rc));
+	crmpay_spi_run(state_plan(PLAN_KEEP_REF), values, NULL, false, 0, SPI_OK_INSERT,
+				   "recording the payment's gateway reference");
 	SPI_finish();
 }
 

@@ -306,31 +306,18 @@ run_move_and_insert(Datum *values, const char *nulls, int64 payment_id)
  *		payment was found by it (locked->row set).
  */
 static void
-record_event(const char *account, const char *provider, const CrmpayWebhookEvent *event,
-			 int64 payment_id, const char *outcome, const char *reason,
-			 const char *old_status, const char *new_status, int http_status,
-			 Datum headers, bool headers_null, text *body, const PaymentMove *move,
-			 LockedPayment *locked)
+record_event(const EventRow *row, const PaymentMove *move, LockedPayment *locked)
 {
 	Datum		all_values[18];
 	char		all_nulls[18];
 	int			first = (move != NULL) ? 5 : 0;
 	Datum	   *values = all_values + first;
 	char	   *nulls = all_nulls + first;
-	/* a follow-up (e.g. PayPal's capture) is due only when the event moved the payment */
-	const char *follow_up = (event && outcome && strcmp(outcome, "applied") == 0)
-		? event->follow_up : NULL;
 
-	if (move != NULL && locked != NULL && locked->row != NULL)
-	{
-		/* found by the direct path: written by it too (intake_direct.c) */
-		EventRow	row = {account, provider, event ? event->event_key : NULL,
-			event ? event->event_type : NULL, payment_id, outcome, reason, old_status,
-		new_status, http_status, headers, headers_null, body, follow_up};
-
-		if (crmpay_intake_write_move(locked, move, &row))
-			return;
-	}
+	/* found by the direct path: written by it too (intake_direct.c) */
+	if (move != NULL && locked != NULL && locked->row != NULL &&
+		crmpay_intake_write_move(locked, move, row))
+		return;
 	if (move != NULL)
 	{
 		all_values[0] = Int64GetDatum(move->payment_id);
@@ -342,28 +329,28 @@ record_event(const char *account, const char *provider, const CrmpayWebhookEvent
 		all_values[4] = TimestampTzGetDatum(GetCurrentTransactionStartTimestamp());
 		all_nulls[4] = ' ';
 	}
-	values[0] = crmpay_text_param(account, &nulls[0]);
-	values[1] = crmpay_text_param(provider, &nulls[1]);
-	values[2] = crmpay_text_param(event ? event->event_key : NULL, &nulls[2]);
-	values[3] = crmpay_text_param(event ? event->event_type : NULL, &nulls[3]);
-	values[4] = Int64GetDatum(payment_id);
-	nulls[4] = payment_id > 0 ? ' ' : 'n';
-	values[5] = crmpay_text_param(outcome, &nulls[5]);
-	values[6] = crmpay_text_param(reason, &nulls[6]);
-	values[7] = crmpay_text_param(old_status, &nulls[7]);
-	values[8] = crmpay_text_param(new_status, &nulls[8]);
-	values[9] = Int32GetDatum(http_status);
+	values[0] = crmpay_text_param(row->account, &nulls[0]);
+	values[1] = crmpay_text_param(row->provider, &nulls[1]);
+	values[2] = crmpay_text_param(row->event_key, &nulls[2]);
+	values[3] = crmpay_text_param(row->event_type, &nulls[3]);
+	values[4] = Int64GetDatum(row->payment_id);
+	nulls[4] = row->payment_id > 0 ? ' ' : 'n';
+	values[5] = crmpay_text_param(row->outcome, &nulls[5]);
+	values[6] = crmpay_text_param(row->reason, &nulls[6]);
+	values[7] = crmpay_text_param(row->old_status, &nulls[7]);
+	values[8] = crmpay_text_param(row->new_status, &nulls[8]);
+	values[9] = Int32GetDatum(row->http_status);
 	nulls[9] = ' ';
-	values[10] = headers;
-	nulls[10] = headers_null ? 'n' : ' ';
-	values[11] = PointerGetDatum(body);
-	nulls[11] = body ? ' ' : 'n';
-	values[12] = crmpay_text_param(follow_up, &nulls[12]);
+	values[10] = row->headers;
+	nulls[10] = row->headers_null ? 'n' : ' ';
+	values[11] = PointerGetDatum(row->body);
+	nulls[11] = row->body ? ' ' : 'n';
+	values[12] = crmpay_text_param(row->follow_up, &nulls[12]);
 	if (move == NULL)
 		spi_run(PLAN_INSERT_EVENT, values, nulls, SPI_OK_INSERT);
 	else
 		run_move_and_insert(all_values, all_nulls, move->payment_id);
-	if (strcmp(outcome, "rejected") == 0)
+	if (strcmp(row->outcome, "rejected") == 0)
 	{
 		values[1] = values[6];	/* (account, reason) */
 		nulls[1] = nulls[6];
@@ -621,9 +608,10 @@ crmpay_receive_webhook(PG_FUNCTION_ARGS)
 	SPI_connect();
 	if (!verdict.valid)
 	{
-		record_event(account ? account : "", verdict.provider, NULL, 0, "rejected",
-					 verdict.reason, NULL, NULL, verdict.http_status, headers, headers_null, body,
-					 NULL, NULL);
+		EventRow	row = {account ? account : "", verdict.provider, NULL, NULL, 0, "rejected",
+		verdict.reason, NULL, NULL, verdict.http_status, headers, headers_null, body, NULL};
+
+		record_event(&row, NULL, NULL);
 		emit_row(rsinfo, verdict.http_status, verdict.reason, "rejected", NULL);
 	}
 	else
@@ -638,6 +626,7 @@ crmpay_receive_webhook(PG_FUNCTION_ARGS)
 			const char *outcome;
 			PaymentMove move = {0};
 			LockedPayment locked = {0};
+			EventRow	row;
 
 			/* an item of a batch that failed its own check is never applied */
 			if (event->rejected_reason != NULL)
@@ -655,9 +644,11 @@ crmpay_receive_webhook(PG_FUNCTION_ARGS)
 
 			if (move.payment_id == 0)
 				crmpay_intake_release(&locked);
-			record_event(account, verdict.provider, event, payment_id, outcome, reason,
-						 old_status, new_status, 200, headers, headers_null, body,
-						 move.payment_id > 0 ? &move : NULL, &locked);
+			/* a follow-up (e.g. PayPal's capture) is due only when the event moved the payment */
+			row = (EventRow) {account, verdict.provider, event->event_key, event->event_type,
+				payment_id, outcome, reason, old_status, new_status, 200, headers, headers_null,
+			body, strcmp(outcome, "applied") == 0 ? event->follow_up : NULL};
+			record_event(&row, move.payment_id > 0 ? &move : NULL, &locked);
 			emit_row(rsinfo, 200, verdict.ack ? verdict.ack : "", outcome, event->event_key);
 		}
 	}
