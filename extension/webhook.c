@@ -277,10 +277,7 @@ intake_plan(int which)
 static void
 spi_run(int which, Datum *values, const char *nulls, int expected)
 {
-	int			rc = SPI_execute_plan(intake_plan(which), values, nulls, false, 0);
-
-	if (rc != expected)
-		elog(ERROR, "crmpay: intake statement %d failed: %s", which, SPI_result_code_string(rc));
+	crmpay_spi_run(intake_plan(which), values, nulls, false, 0, expected, "an intake statement");
 }
 
 /* PLAN_MOVE_AND_INSERT_EVENT, telling the refs trigger that it keeps the payment's ref itself. */
